@@ -1,0 +1,30 @@
+"""A small CNN for 8x8 one-channel digits and for fast tests (any input size)."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..neurons import NQ
+from ._registry import register
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, num_classes=10, L=4, lam_init=8.0, in_chans=1, width=32):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), NQ(L, lam_init),
+            nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), NQ(L, lam_init),
+            nn.AvgPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), NQ(L, lam_init),
+            nn.AdaptiveAvgPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8 * w, 128), NQ(L, lam_init),
+                                        nn.Linear(128, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@register("cnn_small")
+def cnn_small(num_classes=10, L=4, lam_init=8.0, in_chans=1, width=32):
+    return SmallCNN(num_classes, L, lam_init, in_chans, width)

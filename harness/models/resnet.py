@@ -1,0 +1,65 @@
+"""CIFAR ResNets as in the QCFS authors' code: 3x3 stem (stride 1, no max-pool),
+basic blocks with the activation after the residual add, shortcut identity or
+1x1 conv + BN. ResNet-18: 64-512 channels, 17 activations. ResNet-20: 16/32/64
+channels, 19 activations."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..neurons import NQ
+from ._registry import register
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride, L, lam_init):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.act1 = NQ(L, lam_init)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.act2 = NQ(L, lam_init)
+
+    def forward(self, x):
+        out = self.act1(self.bn1(self.conv1(x)))
+        return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, widths, blocks, num_classes=10, L=4, lam_init=8.0, in_chans=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), NQ(L, lam_init))
+        stages, c = [], widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            layers = []
+            for j in range(n):
+                layers.append(BasicBlock(c, w, 2 if (i > 0 and j == 0) else 1, L, lam_init))
+                c = w
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.stages(self.stem(x)))))
+
+
+@register("resnet18")
+def resnet18(num_classes=10, L=4, lam_init=8.0, in_chans=3):
+    return CifarResNet([64, 128, 256, 512], [2, 2, 2, 2], num_classes, L, lam_init, in_chans)
+
+
+@register("resnet20")
+def resnet20(num_classes=10, L=4, lam_init=8.0, in_chans=3):
+    return CifarResNet([16, 32, 64], [3, 3, 3], num_classes, L, lam_init, in_chans)

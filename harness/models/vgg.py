@@ -1,0 +1,49 @@
+"""VGG-16 for CIFAR as in the QCFS authors' code: conv(bias) -> BN -> act, AvgPool
+instead of MaxPool, classifier 512 -> 4096 -> 4096 -> classes (about 34M parameters)."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..neurons import NQ
+from ._registry import register
+
+_CFG16 = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
+
+
+class VGG(nn.Module):
+    def __init__(self, cfg, num_classes=10, L=4, lam_init=8.0, in_chans=3, dropout=0.0):
+        super().__init__()
+        act = lambda: NQ(L, lam_init)  # noqa: E731
+        drop = (lambda: [nn.Dropout(dropout)]) if dropout > 0 else (lambda: [])
+        stages, c = [], in_chans
+        for widths in cfg:
+            layers = []
+            for w in widths:
+                layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), act(), *drop()]
+                c = w
+            layers.append(nn.AvgPool2d(2, 2))
+            stages.append(nn.Sequential(*layers))
+        self.features = nn.Sequential(*stages)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c, 4096), act(), *drop(),
+            nn.Linear(4096, 4096), act(), *drop(),
+            nn.Linear(4096, num_classes),
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@register("vgg16")
+def vgg16(num_classes=10, L=4, lam_init=8.0, in_chans=3, dropout=0.0):
+    return VGG(_CFG16, num_classes, L, lam_init, in_chans, dropout)
