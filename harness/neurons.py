@@ -5,7 +5,8 @@ NQ   (Huang et al., Eq. 13):   a = QCFS(z) + delta * N(0, 1)   (training forward
 
 The activation is one autograd node with a hand-written backward: floor is
 straight-through, and lam gets exactly the gradient that autograd would give for
-the expression above (as in the QCFS authors' code), i.e. per element
+the expression above (as in the QCFS authors' code, with clip's subgradient 1 at
+both ends, as torch.clamp had in torch 1.x), i.e. per element
     d a / d z   = 1[0 <= u <= 1]
     d a / d lam = clip(u, 0, 1) - 1[0 <= u <= 1] * z / lam,    u = floor(z*L/lam + 0.5) / L
 """
@@ -28,8 +29,9 @@ def _qcfs_fwd(z: torch.Tensor, lam: torch.Tensor, L: int) -> torch.Tensor:
     return q * (lam / L)
 
 
-def _nq_fwd(z: torch.Tensor, lam: torch.Tensor, delta: torch.Tensor, L: int) -> torch.Tensor:
-    return _qcfs_fwd(z, lam, L) + delta * torch.randn_like(z)
+def _nq_fwd(z: torch.Tensor, lam: torch.Tensor, delta: torch.Tensor, L: int,
+            g: torch.Tensor) -> torch.Tensor:
+    return _qcfs_fwd(z, lam, L) + delta * g
 
 
 def _qcfs_bwd(z: torch.Tensor, g: torch.Tensor, lam: torch.Tensor, L: int):
@@ -82,14 +84,20 @@ def _call(name: str, *args):
         return _KERNELS[name](*args)
 
 
+def _forward(z, lam, delta, L, noisy):
+    if noisy:
+        # torch's generator (mt19937) draws the N(0,1) sample; the add is fused. A
+        # counter-based hash RNG inside the fused kernel measured slower on CPU.
+        return _call("nq_fwd", z, lam, delta, L, torch.randn_like(z))
+    return _call("qcfs_fwd", z, lam, L)
+
+
 class _QCFSFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, lam, delta, L, noisy):
         ctx.save_for_backward(z, lam)
         ctx.L = L
-        if noisy:
-            return _call("nq_fwd", z, lam, delta, L)
-        return _call("qcfs_fwd", z, lam, L)
+        return _forward(z, lam, delta, L, noisy)
 
     @staticmethod
     def backward(ctx, g):
@@ -105,9 +113,7 @@ def qcfs(z: torch.Tensor, lam: torch.Tensor, L: int, delta: torch.Tensor | None 
         delta = torch.zeros((), dtype=z.dtype, device=z.device)
         noisy = False
     if not torch.is_grad_enabled() or not (z.requires_grad or lam.requires_grad):
-        if noisy:
-            return _call("nq_fwd", z, lam, delta, L)
-        return _call("qcfs_fwd", z, lam, L)
+        return _forward(z, lam, delta, L, noisy)
     return _QCFSFn.apply(z, lam, delta, L, noisy)
 
 
@@ -116,9 +122,21 @@ def qcfs_reference(z: torch.Tensor, lam: torch.Tensor, L: int) -> torch.Tensor:
     Used by the tests as the independent reference for values and gradients."""
     y = z / lam
     y = y * L + 0.5
-    y = y + (torch.floor(y) - y).detach()  # straight-through floor
-    y = torch.clamp(y / L, 0, 1)
+    y = _FloorSTE.apply(y) / L
+    # clip with the subgradient 1 at both ends, as torch.clamp had when the QCFS code
+    # was written (torch 1.x); current torch.clamp gives 0 there.
+    y = torch.where(y < 0, y * 0, torch.where(y > 1, y * 0 + 1, y))
     return y * lam
+
+
+class _FloorSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.floor(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
 
 
 def if_step(v: torch.Tensor, x: torch.Tensor, theta: torch.Tensor):

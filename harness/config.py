@@ -1,0 +1,384 @@
+"""Typed run configuration: pydantic models with defaults, loaded from YAML plus
+`section.key=value` overrides. Every problem surfaces as a one-line ConfigError."""
+from __future__ import annotations
+
+import copy
+import re
+import types
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping, Sequence, Union, get_args, get_origin
+
+import annotated_types
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
+
+DatasetName = Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"]
+PosInt = Annotated[int, Field(ge=1)]
+
+DEFAULT_LR = {"cifar100": 0.05}
+FALLBACK_LR = 0.1
+
+# Custom pydantic error type: ctx["expected"] says what is accepted; an optional
+# ctx["field"] (+ ctx["value"]) names a key below the error's location.
+EXPECTED_ERROR = "harness_expected"
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() is a single line starting with 'config error: '."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+    def __str__(self) -> str:
+        return f"config error: {self.args[0]}"
+
+
+def expected_error(expected: str, field: str | None = None, value: Any = None) -> PydanticCustomError:
+    """Error to raise from validators; formatted as `<key> = <value!r> (expected ...)`."""
+    ctx: dict[str, Any] = {"expected": expected}
+    if field is not None:
+        ctx.update(field=field, value=value)
+    return PydanticCustomError(EXPECTED_ERROR, "expected {expected}", ctx)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- schema
+
+class AugmentCfg(_Section):
+    crop_pad: int = Field(4, ge=0)
+    flip: bool = True
+    cutout: int = Field(0, ge=0)
+    autoaugment: bool = False
+
+
+class SyntheticCfg(_Section):
+    num_train: PosInt = 2000
+    num_test: PosInt = 500
+    channels: PosInt = 3
+    size: PosInt = 32
+    num_classes: int = Field(10, ge=2)
+
+
+class DataCfg(_Section):
+    name: DatasetName = "digits"
+    root: str | None = None
+    download: bool = False
+    val_fraction: float = Field(0.1, gt=0, le=0.5)
+    batch_size: PosInt = 128
+    eval_batch_size: PosInt = 512
+    augment: AugmentCfg = Field(default_factory=AugmentCfg)
+    synthetic: SyntheticCfg = Field(default_factory=SyntheticCfg)
+
+    @model_validator(mode="after")
+    def _root_required(self) -> DataCfg:
+        if self.name == "imagefolder" and not self.root:
+            raise expected_error("a folder or .tar.gz path when data.name is imagefolder", "root", self.root)
+        return self
+
+
+class ModelCfg(_Section):
+    arch: str = Field("cnn_small", min_length=1)
+    L: PosInt = 4
+    lam_init: float = Field(8.0, gt=0)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        from harness.models import list_models
+
+        if arch not in list_models():
+            raise expected_error("one of: " + ", ".join(list_models()))
+        return arch
+
+
+class NoiseCfg(_Section):
+    mode: Literal["qcfs", "fixed", "layerwise"] = "layerwise"
+    delta: float = Field(0.0, ge=0)
+    tau: PosInt = 4
+    residual: Literal["end_to_end", "layer_local"] = "end_to_end"
+    calib_samples: PosInt | None = None
+    scale: float = Field(1.0, ge=0)
+
+
+class TrainCfg(_Section):
+    epochs: PosInt = 3
+    lr: float | None = Field(None, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5.0e-4, ge=0)
+    lam_weight_decay: bool = True
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    seed: int = Field(0, ge=0)
+    threads: PosInt | None = None
+    amp: bool = False
+    channels_last: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def resolved_lr(self, dataset_name: str) -> float:
+        """The configured lr, or the dataset default (0.05 for cifar100, 0.1 otherwise)."""
+        return self.lr if self.lr is not None else DEFAULT_LR.get(dataset_name, FALLBACK_LR)
+
+
+class EvalCfg(_Section):
+    T: list[PosInt] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], min_length=1)
+    select_T: PosInt = 4
+    select_on: Literal["val", "test"] = "val"
+    every: PosInt = 1
+
+    @field_validator("T")
+    @classmethod
+    def _sorted_unique(cls, T: list[int]) -> list[int]:
+        return sorted(set(T))
+
+
+class Config(_Section):
+    data: DataCfg = Field(default_factory=DataCfg)
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    noise: NoiseCfg = Field(default_factory=NoiseCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    eval: EvalCfg = Field(default_factory=EvalCfg)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        # `noise:` with every key commented out parses as None: treat it as empty.
+        if isinstance(data, Mapping):
+            return {k: ({} if v is None and k in cls.model_fields else v) for k, v in data.items()}
+        return data
+
+    @property
+    def lr(self) -> float:
+        return self.train.resolved_lr(self.data.name)
+
+    @property
+    def method(self) -> str:
+        return {"qcfs": "QCFS", "layerwise": "NQ", "fixed": "NQ-fixed"}[self.noise.mode]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Config:
+        try:
+            return cls.model_validate(d)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, model=cls)) from None
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> scalars (lists joined with commas), e.g. for MLflow params."""
+        return _flatten(self.to_dict())
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = ",".join(str(e) for e in v)
+        else:
+            out[key] = v
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: Mapping[str, Any] | None = None) -> Config:
+    """YAML file (None: defaults) over `base`, then `section.key=value` overrides, validated."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    merged = deep_merge(base or {}, raw)
+    for override in overrides:
+        apply_override(merged, override)
+    return Config.from_dict(merged)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"file {str(path)!r} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read file {str(path)!r} ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"file {str(path)!r} is not valid YAML{where} ({problem})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"file {str(path)!r} must hold a mapping of sections, not a {type(raw).__name__}")
+    return raw
+
+
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """A new dict: `top` over `base`, merging nested mappings key by key."""
+    out = copy.deepcopy(dict(base))
+    for k, v in top.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def apply_override(d: dict[str, Any], override: str, model: type[BaseModel] = Config) -> None:
+    """Set `a.b.c=value` (value parsed as YAML) in `d`, checking the path against `model`."""
+    key, sep, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {override!r} (expected section.key=value)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"override {override!r} (value is not valid YAML)") from None
+    _check_path(model, parts, override)
+    node = d
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _check_path(model: type[BaseModel], parts: list[str], override: str) -> None:
+    current: Any = model
+    for i, part in enumerate(parts):
+        if not _is_model(current):
+            raise ConfigError(f"override {override!r} ({'.'.join(parts[:i])} is not a section)")
+        if part not in current.model_fields:
+            raise ConfigError(_unknown_key(parts[: i + 1], current))
+        current = _strip(current.model_fields[part].annotation)[0]
+
+
+# ---------------------------------------------------------------- error messages
+
+def format_validation_error(exc: ValidationError, prefix_loc: Sequence[str | int] = (),
+                            model: type[BaseModel] | None = None) -> str:
+    """One line for the first error: `<dotted key> = <value!r> (expected ...)`.
+
+    `prefix_loc` is prepended to the reported key (for a schema nested in a larger
+    file); `model`, the validated class, gives precise wording (accepted keys, ranges).
+    Wrap the result in ConfigError (or your own error) to add the 'config error:' prefix.
+    """
+    err = exc.errors(include_url=False)[0]
+    loc, kind, ctx = tuple(err["loc"]), err["type"], err.get("ctx") or {}
+    shown = tuple(prefix_loc) + loc
+    if kind == "extra_forbidden":
+        owner = _resolve(model, loc[:-1]) if model else (None, [])
+        return _unknown_key(shown, owner[0] if _is_model(owner[0]) else None)
+    if kind == "missing":
+        return f"missing key {_dotted(shown)}"
+    value = err.get("input")
+    if kind == EXPECTED_ERROR:
+        if "field" in ctx:
+            shown, value = shown + (ctx["field"],), ctx.get("value")
+        expected = ctx["expected"]
+    else:
+        described = _describe(*_resolve(model, loc)) if model else None
+        expected = described or _fallback_expected(kind, err["msg"], ctx)
+    return f"{_dotted(shown)} = {value!r} (expected {expected})"
+
+
+def _unknown_key(loc: Sequence[str | int], owner: type[BaseModel] | None) -> str:
+    accepted = f" (accepted: {', '.join(owner.model_fields)})" if owner else ""
+    return f"unknown key {_dotted(loc)}{accepted}"
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def _fallback_expected(kind: str, msg: str, ctx: Mapping[str, Any]) -> str:
+    if kind == "literal_error":
+        return "one of: " + ", ".join(re.findall(r"'([^']*)'", ctx.get("expected", "")))
+    msg = re.sub(r"^(Input should be|Value error,)\s*", "", msg)
+    return msg[:1].lower() + msg[1:]
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _strip(tp: Any) -> tuple[Any, list[Any], bool]:
+    """Unwrap Annotated / Optional: (core type, constraints, nullable)."""
+    constraints: list[Any] = []
+    nullable = False
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            tp, *meta = get_args(tp)
+            for m in meta:
+                constraints.extend(m.metadata if isinstance(m, FieldInfo) else [m])
+        elif origin in (Union, types.UnionType) and type(None) in get_args(tp):
+            rest = [a for a in get_args(tp) if a is not type(None)]
+            nullable = True
+            if len(rest) != 1:
+                return Union[tuple(rest)], constraints, nullable
+            tp = rest[0]
+        else:
+            return tp, constraints, nullable
+
+
+def _resolve(model: type[BaseModel] | None, loc: Sequence[str | int]) -> tuple[Any, list[Any]]:
+    """The type and constraints found at `loc` inside `model` ((None, []) if unknown)."""
+    tp: Any = model
+    constraints: list[Any] = []
+    nullable = False
+    for part in loc:
+        if _is_model(tp) and isinstance(part, str) and part in tp.model_fields:
+            info = tp.model_fields[part]
+            tp, constraints, nullable = _strip(info.annotation)
+            constraints = list(info.metadata) + constraints
+        elif get_origin(tp) is list and isinstance(part, int):
+            tp, constraints, nullable = _strip(get_args(tp)[0])
+        else:
+            return None, []
+    if nullable:
+        tp = Union[tp, None]
+    return tp, constraints
+
+
+_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+          str: ("a string", "strings"), bool: ("true or false", "booleans")}
+
+
+def _describe(tp: Any, constraints: Sequence[Any] = (), plural: bool = False) -> str | None:
+    """Plain-words description of what a field accepts, e.g. 'an integer >= 1 or null'."""
+    core, extra, nullable = _strip(tp)
+    constraints = list(constraints) + extra
+    if nullable:
+        inner = _describe(core, constraints, plural)
+        return f"{inner} or null" if inner else None
+    if get_origin(core) is Literal:
+        return "one of: " + ", ".join(str(a) for a in get_args(core))
+    if get_origin(core) is list:
+        item = _describe(get_args(core)[0], (), plural=True)
+        nonempty = any(getattr(c, "min_length", 0) for c in constraints)
+        return f"a {'non-empty ' if nonempty else ''}list of {item}" if item else None
+    if _is_model(core):
+        return "a mapping with keys: " + ", ".join(core.model_fields)
+    if core not in _NOUNS:
+        return None
+    words = [_NOUNS[core][plural]]
+    ops = {annotated_types.Ge: (">=", "ge"), annotated_types.Gt: (">", "gt"),
+           annotated_types.Le: ("<=", "le"), annotated_types.Lt: ("<", "lt")}
+    bounds = [f"{sym} {getattr(c, attr):g}" for c in constraints
+              for kind, (sym, attr) in ops.items() if isinstance(c, kind)]
+    if bounds:
+        words.append(" and ".join(bounds))
+    if core is str and any(getattr(c, "min_length", 0) for c in constraints):
+        words = ["a non-empty string"]
+    return " ".join(words)
