@@ -220,6 +220,8 @@ _CIFAR = {
 @register_dataset("cifar10")
 @register_dataset("cifar100")
 def _cifar(cfg: DataCfg, cache_dir: Path) -> dict[str, Any]:
+    """torchvision's pickles under data.root (default <cache>/datasets); a root that is an
+    archive or has a train/ folder is read as an image folder (the JPEG copy)."""
     root = Path(cfg.root).expanduser() if cfg.root else cache_dir / "datasets"
     if root.is_file() or (root / "train").is_dir():  # a JPEG copy in imagefolder layout
         return _imagefolder_at(root, cache_dir)

@@ -169,7 +169,8 @@ class Collected:
     @property
     def varying(self) -> list[str]:
         """Settings (report column names) that take >1 value among the runs."""
-        return [s for s in SETTINGS if self.runs[s].nunique(dropna=False) > 1]
+        from .tables import varying_settings
+        return varying_settings(self.runs)
 
     def residual_hist(self, run_id: str) -> dict | None:
         """Parsed residual_hist.json of a run, or None if it has none."""
@@ -182,6 +183,7 @@ class Collected:
 def _download_json(tracking_uri: str, run_id: str, artifact_path: str) -> dict | None:
     import mlflow.artifacts
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(

@@ -78,7 +78,8 @@ def latex_escape(text: str) -> str:
 
 
 def varying_settings(runs: pd.DataFrame) -> list[str]:
-    return [s for s in SETTINGS if s in runs.columns and runs[s].nunique(dropna=False) > 1]
+    """Settings with more than one (non-masked) value among the runs."""
+    return [s for s in SETTINGS if s in runs.columns and runs.loc[runs[s] != NA, s].nunique() > 1]
 
 
 def t_values(runs: pd.DataFrame) -> list[int]:
@@ -255,14 +256,15 @@ def _md(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, disable_numparse=True)
 
 
-def render_table1_md(blocks: list[Block], title: str | None = "Table 1") -> str:
+def render_table1_md(blocks: list[Block], title: str | None = "Table 1", level: int = 2) -> str:
+    """Markdown Table 1; one ``level``-deep heading per dataset block."""
     parts = [f"# {title}\n"] if title else []
     parts.append("SNN test accuracy (%) after conversion, by number of time steps T. "
                  "Mean ± sample std over seeds (n = seeds). Bold: best measured mean per "
                  "architecture and column. Δ: NQ − QCFS paired by seed (same dataset, "
                  "architecture and L). Published rows are the NQ paper's Table 1.\n")
     for b in blocks:
-        parts.append(f"## {b.dataset}\n")
+        parts.append(f"{'#' * level} {b.dataset}\n")
         parts.append(_md(table1_frame(b, "md")) + "\n")
     return "\n".join(parts)
 

@@ -1,0 +1,152 @@
+"""Residual error between an ANN and its converted SNN, and the layer-wise delta.
+
+Per activation layer l, on calibration images, in one pass through each network:
+  end_to_end:  g_l = phi_l(tau) - a_l               (ANN activation from the ANN's own
+                                                     inputs; includes propagated error,
+                                                     as the official NQ code measures it)
+  layer_local: g_l = phi_l(tau) - QCFS_L(zbar_l)    (zbar_l: the SNN's own time-averaged
+                                                     input at layer l; one layer's error)
+phi_l(tau) is the average postsynaptic potential over tau steps. delta_l is the
+(pooled, population) std of g_l over all elements of all calibration images.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Protocol
+
+import torch
+from torch import nn
+
+from .convert import activation_layers, to_snn
+from .neurons import qcfs
+
+__all__ = ["ResidualStats", "residual_error", "estimate_delta", "Calibrator", "LocalCalibrator",
+           "RESIDUALS"]
+
+RESIDUALS = ("end_to_end", "layer_local")
+HIST_BINS = 80
+HIST_RANGE = 1.0  # histogram of g / lambda over [-1, 1]; outliers land in the end bins
+
+
+@dataclass
+class ResidualStats:
+    layers: list[str]
+    lam: list[float]
+    tau: int
+    n_images: int
+    mean: dict[str, list[float]]  # residual definition -> per-layer mean
+    std: dict[str, list[float]]
+    hist_edges: list[float] = field(default_factory=list)
+    hist: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    def delta(self, residual: str = "end_to_end", scale: float = 1.0) -> list[float]:
+        return estimate_delta(self, residual, scale)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ResidualStats":
+        return cls(**d)
+
+
+class _Acc:
+    """Running sum / sum of squares / count in float64, and a histogram."""
+
+    def __init__(self):
+        self.s = self.ss = 0.0
+        self.n = 0
+        self.h = torch.zeros(HIST_BINS, dtype=torch.int64)
+
+    def add(self, g: torch.Tensor, lam: float) -> None:
+        g = g.detach().double()
+        self.s += g.sum().item()
+        self.ss += (g * g).sum().item()
+        self.n += g.numel()
+        r = (g / lam).clamp(-HIST_RANGE, HIST_RANGE).float().cpu()
+        self.h += torch.histc(r, HIST_BINS, -HIST_RANGE, HIST_RANGE).long()
+
+    def mean_std(self) -> tuple[float, float]:
+        m = self.s / max(self.n, 1)
+        return m, max(self.ss / max(self.n, 1) - m * m, 0.0) ** 0.5
+
+
+@torch.no_grad()
+def residual_error(model: nn.Module, batches: Iterable[torch.Tensor] | torch.Tensor, tau: int,
+                   batch_size: int = 500) -> ResidualStats:
+    """Per-layer residual statistics (both definitions) of `model` against its SNN at tau.
+    `batches`: normalised images, a tensor (split into `batch_size`) or an iterable."""
+    if isinstance(batches, torch.Tensor):
+        batches = batches.split(batch_size)
+    was_training = model.training
+    model.eval()  # no noise, BN affine
+    acts = activation_layers(model)
+    names = [n for n, _ in acts]
+    lams = [a.lam.detach().float() for _, a in acts]
+    snn = to_snn(model)
+    ann_out: list[torch.Tensor] = []
+    hooks = [a.register_forward_hook(lambda m, i, o: ann_out.append(o)) for _, a in acts]
+    accs = {r: [_Acc() for _ in acts] for r in RESIDUALS}
+    n_images = 0
+    try:
+        for x in batches:
+            ann_out.clear()
+            model(x)
+            snn.simulate(x, tau, record=True)
+            for l, ((_, a), neuron) in enumerate(zip(acts, snn.neurons)):
+                phi = neuron.sum_out / tau
+                zbar = neuron.sum_in / tau
+                lam = lams[l].to(phi.dtype)
+                accs["end_to_end"][l].add(phi - ann_out[l], float(lam))
+                accs["layer_local"][l].add(phi - qcfs(zbar, lam, a.L), float(lam))
+            n_images += x.shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    mean = {r: [acc.mean_std()[0] for acc in accs[r]] for r in RESIDUALS}
+    std = {r: [acc.mean_std()[1] for acc in accs[r]] for r in RESIDUALS}
+    edges = torch.linspace(-HIST_RANGE, HIST_RANGE, HIST_BINS + 1).tolist()
+    hist = {r: [acc.h.tolist() for acc in accs[r]] for r in RESIDUALS}
+    return ResidualStats(names, [float(v) for v in lams], tau, n_images, mean, std, edges, hist)
+
+
+def estimate_delta(stats: ResidualStats, residual: str = "end_to_end", scale: float = 1.0) -> list[float]:
+    """delta_l = scale * std of the residual under the chosen definition."""
+    if residual not in RESIDUALS:
+        raise ValueError(f"residual = {residual!r} (expected one of: {', '.join(RESIDUALS)})")
+    return [scale * s for s in stats.std[residual]]
+
+
+def set_deltas(model: nn.Module, deltas: list[float] | float) -> None:
+    acts = activation_layers(model)
+    if isinstance(deltas, (int, float)):
+        deltas = [float(deltas)] * len(acts)
+    if len(deltas) != len(acts):
+        raise ValueError(f"{len(deltas)} deltas for {len(acts)} activation layers")
+    for (_, a), d in zip(acts, deltas):
+        a.delta.fill_(float(d))
+
+
+def get_deltas(model: nn.Module) -> list[float]:
+    return [float(a.delta) for _, a in activation_layers(model)]
+
+
+class Calibrator(Protocol):
+    """Computes residual statistics of a model on a fixed calibration split."""
+
+    def calibrate(self, model: nn.Module, *, tau: int, trial_id: str | None = None,
+                  epoch: int | None = None) -> ResidualStats: ...
+
+
+class LocalCalibrator:
+    """In-process calibration on normalised calibration images (never augmented)."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int = 500):
+        self.images = images
+        self.batch_size = batch_size
+
+    def calibrate(self, model: nn.Module, *, tau: int, trial_id: str | None = None,
+                  epoch: int | None = None) -> ResidualStats:
+        x = self.images.to(next(model.parameters()).device)
+        return residual_error(model, x, tau, self.batch_size)

@@ -1,0 +1,12 @@
+"""Report generator: MLflow sweep experiment -> paper-style tables and figures.
+
+- :mod:`.collect`  MLflow store -> tidy pandas frame (+ metric histories, artifacts)
+- :mod:`.tables`   pure functions: frames -> Table 1 / Table 2 (markdown, LaTeX)
+- :mod:`.figures`  matplotlib figures (Agg)
+- :mod:`.cli`      ``main(argv)`` for the ``harness report`` subcommand
+"""
+from .collect import Collected, ReportError, collect, default_tracking_uri
+from .cli import main, write_report
+
+__all__ = ["Collected", "ReportError", "collect", "default_tracking_uri", "main",
+           "write_report"]

@@ -1,0 +1,277 @@
+"""Report figures (matplotlib, Agg backend, single-column ~3.4 in wide, 200 dpi).
+
+Every function takes tidy frames / histories, writes one PNG and returns its
+path, or returns None when there is nothing to plot.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .collect import NA, SETTING_LABELS, arch_label, arch_order, method_order, setting_sort_key  # noqa: E402
+from .tables import stat_of, t_values, varying_settings  # noqa: E402
+
+WIDTH = 3.4
+DPI = 200
+STYLE = {
+    "font.size": 7, "axes.titlesize": 7, "axes.labelsize": 7, "xtick.labelsize": 6,
+    "ytick.labelsize": 6, "legend.fontsize": 6, "axes.grid": True, "grid.alpha": 0.3,
+    "grid.linewidth": 0.4, "lines.linewidth": 1.0, "lines.markersize": 3,
+    "savefig.bbox": "tight", "savefig.pad_inches": 0.02,
+}
+METHOD_COLORS = {"QCFS": "tab:blue", "NQ": "tab:red", "NQ-fixed": "tab:orange"}
+
+
+def _color(method: str, i: int = 0) -> str:
+    return METHOD_COLORS.get(method, f"C{(i + 3) % 10}")
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def _variant_label(method: str, settings: dict[str, str]) -> str:
+    extra = ", ".join(f"{SETTING_LABELS[k]}={v}" for k, v in settings.items() if v != NA)
+    return f"{method} ({extra})" if extra else method
+
+
+# ---------------------------------------------------------------- accuracy vs T
+def acc_vs_T(runs: pd.DataFrame, path: Path) -> Path | None:
+    """SNN accuracy vs T (log2), one subplot per arch, mean ± std over seeds."""
+    ts = t_values(runs)
+    if not ts:
+        return None
+    settings_cols = varying_settings(runs)
+    archs = sorted(runs["arch"].unique(), key=arch_order)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(archs), 1, figsize=(WIDTH, 2.1 * len(archs)),
+                                 squeeze=False)
+        for ax, arch in zip(axes[:, 0], archs):
+            a_runs = runs[runs["arch"] == arch]
+            gcols = ["method"] + settings_cols
+            groups = sorted(a_runs.groupby(gcols, dropna=False, sort=False),
+                            key=lambda kv: (method_order(kv[0][0]),
+                                            tuple(setting_sort_key(v) for v in kv[0][1:])))
+            for i, (gkey, grp) in enumerate(groups):
+                color = _color(gkey[0], i) if len(groups) <= 3 else f"C{i % 10}"
+                stats = [stat_of(grp[f"T{t}"]) for t in ts]
+                xs = [t for t, s in zip(ts, stats) if s is not None]
+                ms = [s.mean for s in stats if s is not None]
+                es = [0.0 if pd.isna(s.std) else s.std for s in stats if s is not None]
+                label = _variant_label(gkey[0], dict(zip(settings_cols, gkey[1:])))
+                ax.errorbar(xs, ms, yerr=es, marker="o", color=color, capsize=2, label=label)
+                ann = stat_of(grp["ann"])
+                if ann is not None:
+                    ax.axhline(ann.mean, color=color, linestyle="--", linewidth=0.8,
+                               label=f"{label} ANN")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ts)
+            ax.set_xticklabels([str(t) for t in ts])
+            ax.set_title(arch_label(arch))
+            ax.set_ylabel("test accuracy (%)")
+            ax.legend(loc="lower right", frameon=False)
+        axes[-1, 0].set_xlabel("time steps T")
+        fig.tight_layout()
+        return _save(fig, path)
+
+
+# ---------------------------------------------------------------- training curves
+def _sel_key(hist: pd.DataFrame) -> str | None:
+    for prefix in ("snn_val_acc_T", "snn_test_acc_sel_T"):
+        keys = sorted(c for c in hist.columns if c.startswith(prefix))
+        if keys:
+            return keys[0]
+    return None
+
+
+def training_curves(hist: pd.DataFrame, best_epoch: float | None, title: str,
+                    path: Path) -> Path | None:
+    """ANN test accuracy and the SNN selection accuracy over epochs."""
+    if hist is None or hist.empty or "ann_test_acc" not in hist.columns:
+        return None
+    sel = _sel_key(hist)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(WIDTH, 2.2))
+        h = hist["ann_test_acc"].dropna()
+        ax.plot(h.index, h.values, marker="o", color="tab:gray", label="ANN test")
+        if sel is not None:
+            h = hist[sel].dropna()
+            split = "val" if "val" in sel else "TEST"
+            T = sel.rsplit("_T", 1)[-1]
+            ax.plot(h.index, h.values, marker="s", color="tab:red",
+                    label=f"SNN {split} (selection, T={T})")
+        if best_epoch is not None and not pd.isna(best_epoch):
+            ax.axvline(float(best_epoch), color="k", linestyle=":", linewidth=0.8,
+                       label=f"selected epoch {int(best_epoch)}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(title)
+        ax.legend(loc="best", frameon=False)
+        fig.tight_layout()
+        return _save(fig, path)
+
+
+# ---------------------------------------------------------------- delta heatmap
+def delta_heatmap(hist: pd.DataFrame, title: str, path: Path) -> Path | None:
+    """δ_l over epochs (layers on y, epochs on x).  None if δ is constant."""
+    if hist is None or hist.empty:
+        return None
+    cols = sorted(c for c in hist.columns if c.startswith("delta_l"))
+    if not cols:
+        return None
+    mat = hist[cols].to_numpy(dtype=float).T        # layers x epochs
+    finite = mat[np.isfinite(mat)]
+    if finite.size == 0 or np.allclose(finite, finite[0]):
+        return None
+    epochs = list(hist.index)
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        fig, ax = plt.subplots(figsize=(WIDTH, max(1.6, 0.5 + 0.12 * len(cols))))
+        im = ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
+                       extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, len(cols) - 0.5))
+        step = max(1, len(cols) // 10)
+        ax.set_yticks(range(0, len(cols), step))
+        ax.set_yticklabels([c.removeprefix("delta_l") for c in cols][::step])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("layer")
+        ax.set_title(title)
+        cb = fig.colorbar(im, ax=ax, pad=0.02)
+        cb.set_label("δ (noise std)")
+        cb.ax.tick_params(labelsize=6)
+        fig.tight_layout()
+        return _save(fig, path)
+
+
+# ---------------------------------------------------------------- residual histograms
+def residual_hist(data: dict, title: str, path: Path, ncols: int = 4) -> Path | None:
+    """Per-layer histograms of the end-to-end residual (units of λ), small multiples."""
+    if not data or not data.get("counts"):
+        return None
+    layers = data.get("layers") or [f"l{i:02d}" for i in range(len(data["counts"]))]
+    edges = np.asarray(data["edges"], dtype=float)
+    centers, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    means, stds = data.get("mean") or [], data.get("std") or []
+    n = len(data["counts"])
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    with plt.rc_context({**STYLE, "font.size": 5, "axes.titlesize": 5, "xtick.labelsize": 4,
+                         "ytick.labelsize": 4, "axes.grid": False}):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, 0.85 * nrows + 0.35),
+                                 squeeze=False, sharex=True)
+        for i, ax in enumerate(axes.flat):
+            if i >= n:
+                ax.axis("off")
+                continue
+            counts = np.asarray(data["counts"][i], dtype=float)
+            tot = counts.sum()
+            ax.bar(centers, counts / tot if tot else counts, width=widths, color="tab:purple",
+                   linewidth=0)
+            ax.axvline(0, color="k", linewidth=0.4)
+            txt = []
+            if i < len(means):
+                txt.append(f"μ={means[i]:+.2f}")
+            if i < len(stds):
+                txt.append(f"σ={stds[i]:.2f}")
+            ax.text(0.97, 0.95, "\n".join(txt), transform=ax.transAxes, ha="right", va="top")
+            ax.set_title(str(layers[i]) if i < len(layers) else f"l{i:02d}", pad=1.5)
+            ax.set_yticks([])
+            ax.tick_params(length=1.5, pad=1)
+        sub = f"{title}: residual / λ"
+        if data.get("tau") is not None:
+            sub += f" at T={data['tau']}"
+        fig.suptitle(sub, fontsize=6)
+        fig.tight_layout(pad=0.3, h_pad=0.3, w_pad=0.2)
+        return _save(fig, path)
+
+
+# ---------------------------------------------------------------- epoch time
+def epoch_time(runs: pd.DataFrame, histories: dict[str, pd.DataFrame], path: Path) -> Path | None:
+    """Mean time per epoch: training (epoch_s − calib_s) + calibration, per method/arch."""
+    recs = []
+    for _, r in runs.iterrows():
+        h = histories.get(r["run_id"])
+        if h is None or "epoch_s" not in h.columns:
+            continue
+        calib = h["calib_s"] if "calib_s" in h.columns else pd.Series(0.0, index=h.index)
+        calib = calib.reindex(h.index).fillna(0.0)
+        recs.append({"arch": r["arch"], "method": r["method"], "dataset": r["dataset"],
+                     "train": float((h["epoch_s"] - calib).mean()),
+                     "calib": float(calib.mean())})
+    if not recs:
+        return None
+    df = pd.DataFrame(recs)
+    multi_ds = df["dataset"].nunique() > 1
+    agg = df.groupby(["dataset", "arch", "method"], sort=False)[["train", "calib"]].mean()
+    keys = sorted(agg.index, key=lambda k: (k[0], arch_order(k[1]), method_order(k[2])))
+    labels = [f"{arch_label(a)}\n{m}" + (f"\n{d}" if multi_ds else "") for d, a, m in keys]
+    train = [agg.loc[k, "train"] for k in keys]
+    calib = [agg.loc[k, "calib"] for k in keys]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(WIDTH, 2.3))
+        x = np.arange(len(keys))
+        ax.bar(x, train, width=0.6, color="tab:gray", label="training (without calibration)")
+        ax.bar(x, calib, width=0.6, bottom=train, color="tab:red",
+               label="noise calibration (δ)")
+        for xi, t, c in zip(x, train, calib):
+            ax.text(xi, t + c, f"{t + c:.1f}", ha="center", va="bottom", fontsize=5)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, fontsize=5)
+        ax.set_ylabel("time per epoch (s)")
+        ax.set_ylim(0, max(t + c for t, c in zip(train, calib)) * 1.12 or 1)
+        ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False,
+                  borderaxespad=0.2)
+        ax.grid(axis="x", visible=False)
+        fig.tight_layout()
+        return _save(fig, path)
+
+
+# ---------------------------------------------------------------- ablations
+def ablation(runs: pd.DataFrame, setting: str, path: Path, xlabel: str,
+             log_x: bool = False) -> Path | None:
+    """SNN accuracy vs a setting (one line per T), one subplot per (dataset, arch)."""
+    runs = runs[runs[setting] != NA]
+    if runs[setting].nunique() < 2:
+        return None
+    ts = t_values(runs)
+    panels = sorted(runs.groupby(["dataset", "arch"], sort=False).groups,
+                    key=lambda k: (k[0], arch_order(k[1])))
+    multi_ds = runs["dataset"].nunique() > 1
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(panels), 1, figsize=(WIDTH, 2.1 * len(panels)),
+                                 squeeze=False)
+        for ax, (ds, arch) in zip(axes[:, 0], panels):
+            sub = runs[(runs["dataset"] == ds) & (runs["arch"] == arch)]
+            xs_all = sorted(sub[setting].unique(), key=setting_sort_key)
+            numeric = all(setting_sort_key(v)[0] == 0 for v in xs_all)
+            xpos = [float(v) for v in xs_all] if numeric else list(range(len(xs_all)))
+            for i, t in enumerate(ts):
+                stats = [stat_of(sub[sub[setting] == v][f"T{t}"]) for v in xs_all]
+                pts = [(x, s) for x, s in zip(xpos, stats) if s is not None]
+                if not pts:
+                    continue
+                ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts],
+                            yerr=[0.0 if pd.isna(p[1].std) else p[1].std for p in pts],
+                            marker="o", capsize=2, color=plt.cm.viridis(i / max(1, len(ts) - 1)),
+                            label=f"T={t}")
+            if log_x and numeric and min(xpos) > 0:
+                ax.set_xscale("log", base=2)
+            ax.set_xticks(xpos)
+            ax.set_xticklabels(xs_all)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("SNN test accuracy (%)")
+            ax.set_title(f"{arch_label(arch)}" + (f" — {ds}" if multi_ds else ""))
+            ax.legend(loc="best", frameon=False, ncol=2)
+        fig.tight_layout()
+        return _save(fig, path)
