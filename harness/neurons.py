@@ -24,21 +24,21 @@ __all__ = ["NQ", "QCFS", "IFNeuron", "qcfs", "qcfs_reference", "if_step"]
 # Pure functions. The "kernels" below are written so that torch.compile can fuse
 # each of them into one loop; eager mode runs them as-is (same math).
 
-def _qcfs_fwd(z: torch.Tensor, lam: torch.Tensor, L: int) -> torch.Tensor:
-    q = torch.clamp(torch.floor(z * (L / lam) + 0.5), 0, L)
+def _qcfs_fwd(z: torch.Tensor, lam: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    q = torch.floor(z * (L / lam) + 0.5).clamp_min(0).minimum(L)
     return q * (lam / L)
 
 
-def _nq_fwd(z: torch.Tensor, lam: torch.Tensor, delta: torch.Tensor, L: int,
+def _nq_fwd(z: torch.Tensor, lam: torch.Tensor, delta: torch.Tensor, L: torch.Tensor,
             g: torch.Tensor) -> torch.Tensor:
     return _qcfs_fwd(z, lam, L) + delta * g
 
 
-def _qcfs_bwd(z: torch.Tensor, g: torch.Tensor, lam: torch.Tensor, L: int):
+def _qcfs_bwd(z: torch.Tensor, g: torch.Tensor, lam: torch.Tensor, L: torch.Tensor):
     t = torch.floor(z * (L / lam) + 0.5)
     inside = (t >= 0) & (t <= L)
     gz = torch.where(inside, g, torch.zeros_like(g))
-    c = torch.clamp(t, 0, L) * (1.0 / L)
+    c = t.clamp_min(0).minimum(L) / L
     glam = (g * (c - torch.where(inside, z / lam, torch.zeros_like(z)))).sum()
     return gz, glam
 
@@ -65,6 +65,9 @@ def _kernel(name: str):
     fn = _COMPILED.get(name)
     if fn is None:
         try:
+            import torch._dynamo
+            # one graph per dtype/device; L is passed as a tensor so it never specialises
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             fn = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
         except Exception:  # no compiler backend: eager math is identical
             fn = _KERNELS[name]
@@ -85,6 +88,7 @@ def _call(name: str, *args):
 
 
 def _forward(z, lam, delta, L, noisy):
+    z, lam, L = z.detach(), lam.detach(), torch.tensor(float(L), dtype=z.dtype, device=z.device)
     if noisy:
         # torch's generator (mt19937) draws the N(0,1) sample; the add is fused. A
         # counter-based hash RNG inside the fused kernel measured slower on CPU.
@@ -102,7 +106,8 @@ class _QCFSFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         z, lam = ctx.saved_tensors
-        gz, glam = _call("qcfs_bwd", z, g.contiguous(), lam, ctx.L)
+        L = torch.tensor(float(ctx.L), dtype=z.dtype, device=z.device)
+        gz, glam = _call("qcfs_bwd", z.detach(), g.contiguous(), lam.detach(), L)
         return gz, glam.reshape(lam.shape), None, None, None
 
 

@@ -129,7 +129,7 @@ def _write_figures(col: Collected, out: Path) -> list[Path]:
         name = r["trial_file"]
         title = f"{r['trial']} ({r['method']})"
         paths.append(figures.training_curves(hist, r["best_epoch"], title,
-                                             out / f"curves_{name}.png"))
+                                             out / f"curves_{name}.png", r["select_T"]))
         paths.append(figures.delta_heatmap(hist, title, out / f"delta_heatmap_{name}.png"))
         data = col.residual_hist(r["run_id"])
         if data:

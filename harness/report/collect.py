@@ -116,9 +116,8 @@ def _check_store_exists(uri: str) -> None:
     """Refuse to open (and thereby create) a store that is not there."""
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
+        # sqlite:///rel/path.db (relative) or sqlite:////abs/path.db (absolute)
         path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else parsed.path
-        if not path.startswith("/") and uri.startswith("sqlite:////"):
-            path = "/" + path
         if path and path != ":memory:" and not Path(path).exists():
             raise ReportError(f"no MLflow store at {path} (tracking URI {uri})")
     elif parsed.scheme in ("", "file"):

@@ -87,20 +87,22 @@ def acc_vs_T(runs: pd.DataFrame, path: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------- training curves
-def _sel_key(hist: pd.DataFrame) -> str | None:
+def _sel_key(hist: pd.DataFrame, select_T: str | None = None) -> str | None:
+    """The per-epoch SNN selection metric (the one at eval.select_T if several)."""
     for prefix in ("snn_val_acc_T", "snn_test_acc_sel_T"):
-        keys = sorted(c for c in hist.columns if c.startswith(prefix))
+        keys = sorted((c for c in hist.columns if c.startswith(prefix)),
+                      key=lambda c: int(c.rsplit("_T", 1)[-1]))
         if keys:
-            return keys[0]
+            return f"{prefix}{select_T}" if f"{prefix}{select_T}" in keys else keys[0]
     return None
 
 
 def training_curves(hist: pd.DataFrame, best_epoch: float | None, title: str,
-                    path: Path) -> Path | None:
+                    path: Path, select_T: str | None = None) -> Path | None:
     """ANN test accuracy and the SNN selection accuracy over epochs."""
     if hist is None or hist.empty or "ann_test_acc" not in hist.columns:
         return None
-    sel = _sel_key(hist)
+    sel = _sel_key(hist, select_T)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(WIDTH, 2.2))
         h = hist["ann_test_acc"].dropna()
@@ -168,7 +170,8 @@ def residual_hist(data: dict, title: str, path: Path, ncols: int = 4) -> Path | 
     nrows = math.ceil(n / ncols)
     with plt.rc_context({**STYLE, "font.size": 5, "axes.titlesize": 5, "xtick.labelsize": 4,
                          "ytick.labelsize": 4, "axes.grid": False}):
-        fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, 0.85 * nrows + 0.35),
+        height = 0.75 * nrows + 0.3
+        fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, height),
                                  squeeze=False, sharex=True)
         for i, ax in enumerate(axes.flat):
             if i >= n:
@@ -192,7 +195,7 @@ def residual_hist(data: dict, title: str, path: Path, ncols: int = 4) -> Path | 
         if data.get("tau") is not None:
             sub += f" at T={data['tau']}"
         fig.suptitle(sub, fontsize=6)
-        fig.tight_layout(pad=0.3, h_pad=0.3, w_pad=0.2)
+        fig.tight_layout(pad=0.3, h_pad=0.3, w_pad=0.2, rect=(0, 0, 1, 1 - 0.2 / height))
         return _save(fig, path)
 
 
@@ -272,6 +275,8 @@ def ablation(runs: pd.DataFrame, setting: str, path: Path, xlabel: str,
             ax.set_xlabel(xlabel)
             ax.set_ylabel("SNN test accuracy (%)")
             ax.set_title(f"{arch_label(arch)}" + (f" — {ds}" if multi_ds else ""))
-            ax.legend(loc="best", frameon=False, ncol=2)
         fig.tight_layout()
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=min(4, len(labels)), frameon=False)   # below the panels
         return _save(fig, path)
