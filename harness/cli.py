@@ -51,13 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     from .convert import ConversionError
     from .data import DataError
     from .train import CheckpointError, TrainingError
+    from .sweep import SweepError
+    from .report import ReportError
     try:
         return COMMANDS[argv[0]](argv[1:])
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, TrainingError, ConversionError) as e:
-        print(f"error: {e}" if not str(e).startswith(("data error", "config error")) else str(e), file=sys.stderr)
+    except (DataError, CheckpointError, TrainingError, ConversionError, SweepError, ReportError) as e:
+        msg = str(e)
+        print(msg if msg.split(":")[0].endswith("error") else f"error: {msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

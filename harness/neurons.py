@@ -65,7 +65,10 @@ def _kernel(name: str):
     fn = _COMPILED.get(name)
     if fn is None:
         try:
+            import logging
             import torch._dynamo
+            # inductor's CPU backend warns that no CUDA runtime exists; irrelevant here
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             # one graph per dtype/device; L is passed as a tensor so it never specialises
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             fn = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)

@@ -1,0 +1,1 @@
+"""Benchmarks of the harness against peer implementations (see run_all.py)."""

@@ -1,0 +1,115 @@
+"""Shared helpers: argument parsing, interleaved timing, Markdown tables.
+
+Every number the benchmarks report as a comparison is a ratio of medians measured
+side by side in the same process: each repetition runs every contender once (in
+a rotated order), after one warm-up call of each."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_REPS = 5
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (under a minute)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    return p
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def command(script: str, quick: bool, threads: int, extra: str = "") -> str:
+    """The shell command (from the repository root) that reproduces a section."""
+    parts = ["python", f"benchmarks/{script}"]
+    if quick:
+        parts.append("--quick")
+    parts += ["--threads", str(threads)]
+    if extra:
+        parts.append(extra)
+    return " ".join(parts)
+
+
+def section(title: str, cmd: str, body: str) -> str:
+    return f"## {title}\n\nReproduce: `{cmd}`\n\n{body.strip()}\n"
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int = DEFAULT_REPS,
+                warmup: int = 1) -> dict[str, float]:
+    """Median wall time (s) of each callable; repetitions are interleaved, the order
+    rotates by one every repetition, and `warmup` untimed calls of each come first."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return fmt(v)
+        return str(v)
+
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def fmt(v: float) -> str:
+    if v != v:  # nan
+        return "n/a"
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.1f}"
+    if a >= 10:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b > 0 else "n/a"
+
+
+def target(ok: bool) -> str:
+    return "met" if ok else "not met"
+
+
+def main(run: Callable[[bool, int], str], description: str) -> None:
+    args = parser(description).parse_args()
+    print(run(args.quick, args.threads))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+

@@ -1,0 +1,228 @@
+"""`harness sweep`: search-space validation, Ray Tune + MLflow sweeps, the shared
+calibration actor, trial retry and --resume. One local Ray (2 CPUs) for the module."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.cli import main as cli_main
+from harness.sweep import SweepError, load_space
+
+TINY = {
+    "data": {"name": "digits", "batch_size": 128},
+    "model": {"arch": "cnn_small", "L": 4, "lam_init": 2.0},
+    "noise": {"mode": "layerwise", "tau": 4, "calib_samples": 64},
+    "train": {"epochs": 2, "lr": 0.1},
+    "eval": {"T": [1, 2, 4, 8], "select_T": 4},
+    "grid": {"noise.mode": ["layerwise", "qcfs"]},
+    "resources": {"cpu": 1, "gpu": 0, "max_concurrent": 2},
+}
+EPOCHS = TINY["train"]["epochs"]
+
+
+def write_space(tmp: Path, name: str, **changes) -> Path:
+    d = json.loads(json.dumps(TINY))
+    d["name"] = name
+    d.update(changes)
+    p = tmp / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    return p
+
+
+# ---------------------------------------------------------------- validation (no Ray)
+
+def one_line_error(capsys, argv, code):
+    rc = cli_main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == code, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"grid": {"model.depth": [1, 2]}}, "config error: unknown key grid.model.depth (accepted: arch, L, lam_init)"),
+    ({"grid": {"train.seed": []}}, "config error: grid.train.seed = [] (expected a non-empty list"),
+    ({"grid": {"noise.mode": ["qcfs", "bogus"]}}, "config error: grid.noise.mode = 'bogus' (expected one of:"),
+    ({"model": {"arch": "cnn_small", "L": 0}}, "config error: model.L = 0 (expected an integer >= 1)"),
+    ({"resources": {"cpu": 1, "gpus": 1}}, "config error: unknown key resources.gpus"),
+    ({"scheduler": {"name": "pbt"}}, "config error: scheduler.name = 'pbt' (expected one of: fifo, asha)"),
+])
+def test_invalid_space_is_one_line(tmp_path, capsys, changes, expected):
+    p = write_space(tmp_path, "bad", **changes)
+    err = one_line_error(capsys, ["sweep", str(p), "--storage-path", str(tmp_path / "rr"),
+                                  "--tracking-uri", f"sqlite:///{tmp_path}/m.db"], 2)
+    assert err.startswith(expected), err
+    assert not (tmp_path / "m.db").exists()  # nothing was created
+
+
+def test_space_expansion_overrides_and_paths(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    p = write_space(tmp_path, "exp", grid={"model.arch": ["cnn_small", "resnet20"], "train.seed": [0, 1]},
+                    overrides=[{"match": {"model.arch": "resnet20"}, "set": {"model.L": 8}}])
+    d = yaml.safe_load(p.read_text())
+    d["data"] = {"name": "imagefolder", "root": "data"}
+    p.write_text(yaml.safe_dump(d))
+    monkeypatch.chdir("/")
+    s = load_space(p, ["train.epochs=3"])
+    assert [t.label for t in s.trials] == ["arch=cnn_small,seed=0", "arch=cnn_small,seed=1",
+                                           "arch=resnet20,seed=0", "arch=resnet20,seed=1"]
+    assert [t.cfg.model.L for t in s.trials] == [4, 4, 8, 8]
+    assert all(t.cfg.train.epochs == 3 for t in s.trials)
+    assert all(t.cfg.data.root == str(tmp_path / "data") for t in s.trials)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "cpu_cifar10", "paper_table1_cifar10", "paper_table1_cifar100",
+                                  "fig4_fixed_noise", "fig7_tau"])
+def test_shipped_spaces_are_valid(name, monkeypatch):
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)
+    s = load_space(root / "search_spaces" / f"{name}.yaml")
+    assert s.trials and s.name == name
+    if name == "paper_table1_cifar100":
+        assert {(t.cfg.model.arch, t.cfg.model.L) for t in s.trials} == {("vgg16", 4), ("resnet18", 4),
+                                                                         ("resnet20", 8)}
+
+
+# ---------------------------------------------------------------- sweeps on a local Ray
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": {k: os.environ[k] for k in ("TORCHINDUCTOR_CACHE_DIR", "HARNESS_CACHE")
+                                       if k in os.environ}})
+    root = tmp_path_factory.mktemp("sweeps")
+    yield {"root": root, "uri": f"sqlite:///{root}/mlflow.db", "storage": str(root / "ray_results")}
+    ray.shutdown()
+
+
+def sweep(env, space, *extra):
+    return cli_main(["sweep", str(space), "--tracking-uri", env["uri"], "--storage-path", env["storage"], *extra])
+
+
+def runs_of(env, experiment):
+    from mlflow.tracking import MlflowClient
+    c = MlflowClient(env["uri"])
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("harness.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("harness.role") == "trial"]
+    return c, parents, children
+
+
+def check_child(c, run, epochs=EPOCHS):
+    assert run.info.status == "FINISHED"
+    for key in ("train_loss", "ann_test_acc", "snn_val_acc_T4", "delta_l00", "residual_std_l01", "lr"):
+        steps = [m.step for m in c.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(1, epochs + 1)), (key, steps)
+    for key in ("snn_test_acc_T1", "snn_test_acc_T8", "best_ann_test_acc", "best_epoch"):
+        assert key in run.data.metrics
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"result.json", "residual_hist.json",
+                                                                  "best.pt", "curves.png"}
+    assert run.data.params["model.arch"] == "cnn_small"
+    return json.loads(Path(c.download_artifacts(run.info.run_id, "result.json")).read_text())
+
+
+@pytest.mark.slow
+def test_sweep_actor_mlflow_and_retried_trial(ray_local, capsys, monkeypatch):
+    """2 trials sharing the calibration actor; trial 1's worker is killed after epoch 2
+    once: Tune retries it from its epoch-1 checkpoint and it continues its own MLflow run."""
+    env = ray_local
+    space = write_space(env["root"], "actor2")
+    monkeypatch.setenv("HARNESS_TEST_DIE_TRIAL", "1:2")
+    assert sweep(env, space) == 0
+    out = capsys.readouterr().out
+    assert "harness report --experiment actor2" in out
+    c, parents, children = runs_of(env, "actor2")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {a.path for a in c.list_artifacts(parents[0].info.run_id)} >= {"actor2.yaml", "versions.json",
+                                                                         "calibration_history.json"}
+    assert len(children) == 2
+    assert sorted(r.data.tags["harness.trial"] for r in children) == ["mode=layerwise", "mode=qcfs"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    results = {r.data.tags["harness.trial"]: check_child(c, r) for r in children}
+    assert results["mode=layerwise"]["method"] == "NQ"
+
+    # the actor saw every trial at every epoch, and its deltas are the trials' deltas
+    hist = json.loads((Path(env["storage"]) / "actor2" / "calibration_history.json").read_text())
+    assert sorted(hist) == ["mode=layerwise", "mode=qcfs"]
+    for trial, res in results.items():
+        per_epoch = [h for h in hist[trial] if h["epoch"] is not None]
+        assert [h["epoch"] for h in per_epoch] == list(range(1, EPOCHS + 1))
+        for h, rec in zip(per_epoch, res["history"]):
+            assert h["std"]["end_to_end"] == pytest.approx(rec["residual_std"], abs=1e-12)
+            if trial == "mode=layerwise":  # the model's delta buffers are float32
+                assert h["delta"]["end_to_end"] == pytest.approx(rec["delta"], rel=1e-6, abs=1e-9)
+    (Path(env["root"]) / "actor_layerwise.json").write_text(json.dumps(results["mode=layerwise"]))
+
+    # a second start of the same sweep must say --resume
+    capsys.readouterr()
+    monkeypatch.delenv("HARNESS_TEST_DIE_TRIAL")
+    err = one_line_error(capsys, ["sweep", str(space), "--tracking-uri", env["uri"],
+                                  "--storage-path", env["storage"]], 1) if _cli_knows_sweep_error() else None
+    if err is not None:
+        assert "--resume" in err
+
+
+def _cli_knows_sweep_error() -> bool:
+    import inspect
+
+    import harness.cli
+    return "SweepError" in inspect.getsource(harness.cli)
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_local_calibration(ray_local, capsys, monkeypatch):
+    """max_failures=0 and trial 1 killed after epoch 1: the sweep ends with exit 1; --resume
+    finishes trial 1 in its own MLflow run and does not rerun trial 0. Calibration is
+    in-process here; same seeds must give the same deltas as the actor."""
+    env = ray_local
+    space = write_space(env["root"], "resume2", calibration={"mode": "local"})
+    monkeypatch.setenv("HARNESS_SWEEP_MAX_FAILURES", "0")
+    monkeypatch.setenv("HARNESS_TEST_DIE_TRIAL", "1:1")
+    assert sweep(env, space) == 1
+    c, parents, children = runs_of(env, "resume2")
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    status = {r.data.tags["harness.trial"]: r.info.status for r in children}
+    assert status == {"mode=layerwise": "FINISHED", "mode=qcfs": "FAILED"}  # never left RUNNING
+    done = Path(env["storage"]) / "resume2" / "00_mode=layerwise" / "work" / "result.json"
+    mtime = done.stat().st_mtime_ns
+
+    monkeypatch.delenv("HARNESS_TEST_DIE_TRIAL")
+    capsys.readouterr()
+    assert sweep(env, space, "--resume") == 0
+    c, parents, children = runs_of(env, "resume2")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2
+    results = {r.data.tags["harness.trial"]: check_child(c, r) for r in children}
+    assert done.stat().st_mtime_ns == mtime  # the finished trial was not rerun
+
+    # local vs actor calibration: identical deltas for the same seed and config
+    actor_file = Path(env["root"]) / "actor_layerwise.json"
+    if actor_file.exists():
+        actor = json.loads(actor_file.read_text())
+        local = results["mode=layerwise"]
+        assert local["deltas"] == pytest.approx(actor["deltas"], abs=1e-6)
+        for a, b in zip(actor["history"], local["history"]):
+            assert b["delta"] == pytest.approx(a["delta"], abs=1e-6)
+
+
+def test_impossible_resources(ray_local, capsys):
+    env = ray_local
+    space = write_space(env["root"], "gpu1", resources={"cpu": 1, "gpu": 1})
+    if not _cli_knows_sweep_error():
+        with pytest.raises(SweepError, match="resources.gpu = 1 per trial, but the cluster has 0 GPU"):
+            sweep(env, space)
+        return
+    err = one_line_error(capsys, ["sweep", str(space), "--tracking-uri", env["uri"],
+                                  "--storage-path", env["storage"]], 1)
+    assert err == "sweep error: resources.gpu = 1 per trial, but the cluster has 0 GPU"
+    space = write_space(env["root"], "cpu3", resources={"cpu": 3})
+    err = one_line_error(capsys, ["sweep", str(space), "--tracking-uri", env["uri"],
+                                  "--storage-path", env["storage"]], 1)
+    assert err == "sweep error: resources.cpu = 3 per trial, but the cluster has 2 CPU"
