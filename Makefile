@@ -14,7 +14,11 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/harness train --config search_spaces/digits_train.yaml --out runs/demo
+	@# a second `make demo` resumes the finished sweep (nothing reruns) and rewrites the report
+	$(BIN)/harness sweep search_spaces/quickstart.yaml --name quickstart-demo \
+	    $$([ -d ray_results/quickstart-demo ] && echo --resume)
+	$(BIN)/harness report --experiment quickstart-demo --out reports/quickstart-demo
+	@echo "report: $(CURDIR)/reports/quickstart-demo/index.md"
 
 test: install
 	$(BIN)/pytest
@@ -26,4 +30,4 @@ bench: install
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf runs ray_results .pytest_cache
+	rm -rf runs ray_results .pytest_cache reports/quickstart-demo

@@ -25,10 +25,11 @@ if __package__ in (None, ""):
 
 from benchmarks._common import ROOT, cpu_model
 
-ORDER = ["simulate", "data_pipeline", "activation", "calibration", "sweep_overhead"]
+ORDER = ["simulate", "data_pipeline", "activation", "calibration", "sweep_overhead", "accuracy_compute"]
 TITLES = {"simulate": "Simulation", "data_pipeline": "Data pipeline", "activation": "Activation",
-          "calibration": "Calibration overhead", "sweep_overhead": "Sweep overhead"}
-ALIASES = {"data": "data_pipeline", "sweep": "sweep_overhead", "calib": "calibration", "sim": "simulate"}
+          "calibration": "Calibration overhead", "sweep_overhead": "Sweep overhead",
+          "accuracy_compute": "Accuracy per unit of compute"}
+ALIASES = {"acc": "accuracy_compute", "data": "data_pipeline", "sweep": "sweep_overhead", "calib": "calibration", "sim": "simulate"}
 
 
 def _version(dist: str) -> str:
