@@ -1,6 +1,7 @@
 # Two commands on a fresh clone:  `make demo` (install + main job)  and  `make test` (install + tests).
 PYTHON ?= python3
 VENV   ?= .venv
+BENCH_ARGS ?=
 BIN    := $(VENV)/bin
 
 .PHONY: install demo test test-fast bench clean
@@ -27,7 +28,7 @@ test-fast: install
 	$(BIN)/pytest -m "not slow"
 
 bench: install
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs ray_results .pytest_cache reports/quickstart-demo
