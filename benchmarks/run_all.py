@@ -25,10 +25,11 @@ if __package__ in (None, ""):
 
 from benchmarks._common import ROOT, cpu_model
 
-ORDER = ["simulate", "data_pipeline", "activation", "calibration", "sweep_overhead"]
+ORDER = ["simulate", "data_pipeline", "activation", "calibration", "sweep_overhead", "accuracy_compute"]
 TITLES = {"simulate": "Simulation", "data_pipeline": "Data pipeline", "activation": "Activation",
-          "calibration": "Calibration overhead", "sweep_overhead": "Sweep overhead"}
-ALIASES = {"data": "data_pipeline", "sweep": "sweep_overhead", "calib": "calibration", "sim": "simulate"}
+          "calibration": "Calibration overhead", "sweep_overhead": "Sweep overhead",
+          "accuracy_compute": "Accuracy per unit of compute"}
+ALIASES = {"acc": "accuracy_compute", "data": "data_pipeline", "sweep": "sweep_overhead", "calib": "calibration", "sim": "simulate"}
 
 
 def _version(dist: str) -> str:
@@ -61,7 +62,7 @@ def machine_header(quick: bool, threads: int, argv: list[str]) -> str:
         "repetitions after a warm-up); targets are stated next to the measured values and never enforced.\n")
 
 
-def run_section(name: str, quick: bool, threads: int) -> str:
+def run_section(name: str, quick: bool, threads: int, reps: int | None = None) -> str:
     if name == "sweep_overhead" and not (ROOT / "benchmarks" / "sweep_overhead.py").exists():
         return (f"## {TITLES[name]}\n\nNot available: `benchmarks/sweep_overhead.py` is not present "
                 "in this checkout.\n")
@@ -70,6 +71,9 @@ def run_section(name: str, quick: bool, threads: int) -> str:
         if not callable(getattr(mod, "run", None)):
             return (f"## {TITLES[name]}\n\nNot available: `benchmarks/{name}.py` has no "
                     f"`run(quick, threads)` function yet; run `python benchmarks/{name}.py` directly.\n")
+        import inspect
+        if reps is not None and "reps" in inspect.signature(mod.run).parameters:
+            return mod.run(quick, threads, reps=reps)
         return mod.run(quick, threads)
     except Exception as e:
         tb = traceback.format_exc(limit=3)
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--out", default="reports/benchmarks.md", help="Markdown file to write")
     p.add_argument("--only", help=f"comma-separated subset of: {', '.join(ORDER)}")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions where a benchmark takes it")
     args = p.parse_args(argv)
     names = parse_only(args.only)
     import torch
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> Path:
     for name in names:
         t0 = time.perf_counter()
         print(f"run_all: {name} ...", file=sys.stderr, flush=True)
-        parts.append(run_section(name, args.quick, args.threads))
+        parts.append(run_section(name, args.quick, args.threads, args.reps))
         print(f"run_all: {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("\n".join(parts))  # partial results survive an interruption

@@ -85,7 +85,7 @@ class CalibrationActor:
         model = create_model(**model_spec)
         model.load_state_dict(state_dict)
         model.to(self.device)
-        stats = residual_error(model, self.images[data_key], tau, batch_size)
+        stats = residual_error(model, self.images[data_key], tau, batch_size, histograms=epoch is None)
         if trial_id is not None:
             entry = {"epoch": epoch, "tau": tau, "n_images": stats.n_images,
                      "delta": {r: stats.delta(r) for r in stats.std},

@@ -51,31 +51,40 @@ class ResidualStats:
 
 
 class _Acc:
-    """Running sum / sum of squares / count in float64, and a histogram."""
+    """Running sum / sum of squares / count (float64, on the device) and a histogram.
+    Nothing leaves the device until `mean_std()`."""
 
     def __init__(self):
-        self.s = self.ss = 0.0
+        self.s = self.ss = None
         self.n = 0
-        self.h = torch.zeros(HIST_BINS, dtype=torch.int64)
+        self.h = None
 
-    def add(self, g: torch.Tensor, lam: float) -> None:
-        g = g.detach().double()
-        self.s += g.sum().item()
-        self.ss += (g * g).sum().item()
+    def add(self, g: torch.Tensor, lam: torch.Tensor, hist: bool) -> None:
+        # per-batch sums in g's dtype (pairwise summation), accumulated in float64
+        s = g.sum().double()
+        ss = torch.linalg.vector_norm(g).double().square()
+        self.s = s if self.s is None else self.s + s
+        self.ss = ss if self.ss is None else self.ss + ss
         self.n += g.numel()
-        r = (g / lam).clamp(-HIST_RANGE, HIST_RANGE).float().cpu()
-        self.h += torch.histc(r, HIST_BINS, -HIST_RANGE, HIST_RANGE).long()
+        if hist:
+            r = torch.histc(g.div_(lam).clamp_(-HIST_RANGE, HIST_RANGE), HIST_BINS, -HIST_RANGE, HIST_RANGE)
+            self.h = r.long() if self.h is None else self.h + r.long()
 
     def mean_std(self) -> tuple[float, float]:
-        m = self.s / max(self.n, 1)
-        return m, max(self.ss / max(self.n, 1) - m * m, 0.0) ** 0.5
+        n = max(self.n, 1)
+        m = float(self.s) / n
+        return m, max(float(self.ss) / n - m * m, 0.0) ** 0.5
+
+    def counts(self) -> list[int]:
+        return self.h.tolist() if self.h is not None else []
 
 
 @torch.no_grad()
 def residual_error(model: nn.Module, batches: Iterable[torch.Tensor] | torch.Tensor, tau: int,
-                   batch_size: int = 500) -> ResidualStats:
+                   batch_size: int = 500, histograms: bool = True) -> ResidualStats:
     """Per-layer residual statistics (both definitions) of `model` against its SNN at tau.
-    `batches`: normalised images, a tensor (split into `batch_size`) or an iterable."""
+    `batches`: normalised images, a tensor (split into `batch_size`) or an iterable.
+    `histograms=False` skips the per-layer histograms (the per-epoch calibration)."""
     if isinstance(batches, torch.Tensor):
         batches = batches.split(batch_size)
     was_training = model.training
@@ -95,10 +104,10 @@ def residual_error(model: nn.Module, batches: Iterable[torch.Tensor] | torch.Ten
             snn.simulate(x, tau, record=True)
             for l, ((_, a), neuron) in enumerate(zip(acts, snn.neurons)):
                 phi = neuron.sum_out / tau
-                zbar = neuron.sum_in / tau
+                zbar = neuron.sum_in.div_(tau)
                 lam = lams[l].to(phi.dtype)
-                accs["end_to_end"][l].add(phi - ann_out[l], float(lam))
-                accs["layer_local"][l].add(phi - qcfs(zbar, lam, a.L), float(lam))
+                accs["layer_local"][l].add(qcfs(zbar, lam, a.L).neg_().add_(phi), lam, histograms)
+                accs["end_to_end"][l].add(phi.sub_(ann_out[l]), lam, histograms)
             n_images += x.shape[0]
     finally:
         for h in hooks:
@@ -106,8 +115,8 @@ def residual_error(model: nn.Module, batches: Iterable[torch.Tensor] | torch.Ten
         model.train(was_training)
     mean = {r: [acc.mean_std()[0] for acc in accs[r]] for r in RESIDUALS}
     std = {r: [acc.mean_std()[1] for acc in accs[r]] for r in RESIDUALS}
-    edges = torch.linspace(-HIST_RANGE, HIST_RANGE, HIST_BINS + 1).tolist()
-    hist = {r: [acc.h.tolist() for acc in accs[r]] for r in RESIDUALS}
+    edges = torch.linspace(-HIST_RANGE, HIST_RANGE, HIST_BINS + 1).tolist() if histograms else []
+    hist = {r: [acc.counts() for acc in accs[r]] for r in RESIDUALS}
     return ResidualStats(names, [float(v) for v in lams], tau, n_images, mean, std, edges, hist)
 
 
@@ -133,14 +142,16 @@ def get_deltas(model: nn.Module) -> list[float]:
 
 
 class Calibrator(Protocol):
-    """Computes residual statistics of a model on a fixed calibration split."""
+    """Computes residual statistics of a model on a fixed calibration split
+    (with per-layer histograms when epoch is None: the final calibration)."""
 
     def calibrate(self, model: nn.Module, *, tau: int, trial_id: str | None = None,
                   epoch: int | None = None) -> ResidualStats: ...
 
 
 class LocalCalibrator:
-    """In-process calibration on normalised calibration images (never augmented)."""
+    """In-process calibration on normalised calibration images (never augmented).
+    Histograms are computed for the final calibration only (epoch=None)."""
 
     def __init__(self, images: torch.Tensor, batch_size: int = 500):
         self.images = images
@@ -149,4 +160,4 @@ class LocalCalibrator:
     def calibrate(self, model: nn.Module, *, tau: int, trial_id: str | None = None,
                   epoch: int | None = None) -> ResidualStats:
         x = self.images.to(next(model.parameters()).device)
-        return residual_error(model, x, tau, self.batch_size)
+        return residual_error(model, x, tau, self.batch_size, histograms=epoch is None)

@@ -242,6 +242,12 @@ def apply_override(d: dict[str, Any], override: str, model: type[BaseModel] = Co
     except yaml.YAMLError:
         raise ConfigError(f"override {override!r} (value is not valid YAML)") from None
     _check_path(model, parts, override)
+    set_dotted(d, ".".join(parts), value)
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    """d['a']['b']['c'] = value for key 'a.b.c', creating sections as needed."""
+    parts = key.split(".")
     node = d
     for part in parts[:-1]:
         if not isinstance(node.get(part), dict):

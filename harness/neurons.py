@@ -184,6 +184,15 @@ class QCFS(NQ):
         super().__init__(L=L, lam_init=lam_init, delta=0.0)
 
 
+def _accumulate(acc: torch.Tensor | None, xs: torch.Tensor) -> torch.Tensor:
+    """acc + sum over time of xs [k, ...], in place after the first call."""
+    if acc is None:
+        return xs.sum(0) if xs.shape[0] > 1 else xs[0].clone()
+    for x in xs:
+        acc.add_(x)
+    return acc
+
+
 class IFNeuron(nn.Module):
     """Integrate-and-fire neuron, reset by subtraction.
 
@@ -219,7 +228,7 @@ class IFNeuron(nn.Module):
         xs = x.reshape(k, x.shape[0] // k, *x.shape[1:])
         theta = self.theta.to(x.dtype)
         if self.v is None:
-            self.v = torch.full_like(xs[0], 0.0).add_(theta * self.v0)
+            self.v = torch.empty_like(xs[0]).fill_(float(theta) * self.v0)
         outs = []
         v = self.v
         for i in range(k):
@@ -229,9 +238,8 @@ class IFNeuron(nn.Module):
         self.t += k
         out = outs[0] if k == 1 else torch.stack(outs)
         if self.record:
-            si, so = xs.sum(0), out.reshape(xs.shape).sum(0)
-            self.sum_in = si if self.sum_in is None else self.sum_in + si
-            self.sum_out = so if self.sum_out is None else self.sum_out + so
+            self.sum_in = _accumulate(self.sum_in, xs)
+            self.sum_out = _accumulate(self.sum_out, out.reshape(xs.shape))
         return out.reshape(x.shape)
 
     def extra_repr(self) -> str:

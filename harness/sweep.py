@@ -41,7 +41,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import Config, ConfigError, apply_override, format_validation_error
+from .config import Config, ConfigError, apply_override, format_validation_error, set_dotted
 
 __all__ = ["SweepError", "SearchSpace", "Trial", "load_space", "main"]
 
@@ -176,13 +176,13 @@ def load_space(path: str | Path, overrides: Sequence[str] = ()) -> SearchSpace:
     for index, combo in enumerate(itertools.product(*axes.values())):
         d = copy.deepcopy(base)
         for key, value in zip(axes, combo):
-            _set(d, key, copy.deepcopy(value))
+            set_dotted(d, key, copy.deepcopy(value))
         applied = []
         for i, o in enumerate(space.overrides):
             if all(_get(d, k) == v for k, v in o.match.items()):
                 applied.append(i)
                 for k, v in o.set.items():
-                    _set(d, k, copy.deepcopy(v))
+                    set_dotted(d, k, copy.deepcopy(v))
         _resolve_paths(d, path.parent)
         label = labels[index]
         try:
@@ -280,16 +280,6 @@ def _default(key: str) -> Any:
     return node
 
 
-def _set(d: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = d
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-
-
 def _resolve_paths(d: dict[str, Any], space_dir: Path) -> None:
     """Relative data paths: against the space file's folder if that exists, else the CWD.
     (Trials chdir into their own folders, so every path they get must be absolute.)"""
@@ -299,7 +289,7 @@ def _resolve_paths(d: dict[str, Any], space_dir: Path) -> None:
             p = Path(v).expanduser()
             if not p.is_absolute():
                 p = space_dir / p if (space_dir / p).exists() else Path.cwd() / p
-            _set(d, key, os.path.normpath(p.absolute()))
+            set_dotted(d, key, os.path.normpath(p.absolute()))
 
 
 # ---------------------------------------------------------------- the trainable (runs in a Ray worker)

@@ -81,7 +81,7 @@ def test_ann_is_untouched_and_neurons_take_lambda():
     acts = activation_layers(model)
     assert len(snn.neurons) == len(acts) == 19
     for (name, a), n in zip(acts, snn.neurons):
-        assert float(n.theta) == pytest.approx(float(a.lam)) and n.v0 == 0.5
+        assert float(n.theta) == pytest.approx(a.lam.item()) and n.v0 == 0.5
     assert not snn.net.training
 
 

@@ -264,6 +264,16 @@ def test_format_subset(store, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["index.md", "table1.md", "table2.md"]
 
 
+def test_discussion_survives_regeneration(store, tmp_path):
+    out = tmp_path / "disc"
+    out.mkdir()
+    (out / "discussion.md").write_text("NQ trails QCFS at T=8, as the paper reports.\n")
+    for _ in range(2):
+        assert main(["--experiment", ABL, "--tracking-uri", store, "--out", str(out), "--format", "md"]) == 0
+    index = (out / "index.md").read_text()
+    assert index.count("## Discussion\n\nNQ trails QCFS at T=8, as the paper reports.") == 1
+
+
 # ---------------------------------------------------------------------------- errors
 def test_unknown_experiment(store, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -10,7 +10,7 @@ import torch
 from harness import neurons
 from harness.cli import main
 from harness.config import load_config
-from harness.train import CheckpointError, run
+from harness.train import CheckpointError, TrainingError, run
 
 DIGITS = ["data.augment.crop_pad=1", "data.augment.flip=false", "data.batch_size=64",
           "model.lam_init=2.0", "eval.T=[1,2,4,8,16]"]
@@ -91,6 +91,11 @@ def test_kill_and_resume_is_identical(tmp_path):
     assert strip(ra["history"]) == strip(rb["history"])
     for k in ("ann_test_acc", "snn_test_acc", "best_epoch", "deltas"):
         assert ra[k] == rb[k]
+
+
+def test_non_finite_loss_stops_with_its_position(tmp_path):
+    with pytest.raises(TrainingError, match=r"^non-finite loss at epoch 1, step \d+$"):
+        run(_cfg("train.epochs=2", "train.lr=1.0e+30"), tmp_path, progress=False)
 
 
 def test_corrupted_checkpoint_gives_clear_error(tmp_path, capsys):

@@ -154,6 +154,9 @@ def _index_md(col: Collected, out: Path, written: dict[str, list[Path]], table1_
         lines += ["## Tables", ""]
         lines += [f"- [{p.name}]({p.name})" for p in written["tables"]] + [""]
     lines += ["## Table 1", "", table1_md.strip(), ""]
+    notes = out / "discussion.md"  # hand-written; kept across regenerations
+    if notes.exists():
+        lines += ["## Discussion", "", notes.read_text().strip(), ""]
     if written["figures"]:
         lines += ["## Figures", ""]
         figs = sorted(written["figures"], key=lambda p: p.name)

@@ -181,6 +181,7 @@ def residual_hist(data: dict, title: str, path: Path, ncols: int = 4) -> Path | 
             tot = counts.sum()
             ax.bar(centers, counts / tot if tot else counts, width=widths, color="tab:purple",
                    linewidth=0)
+            ax.set_yscale("log")  # the exact-zero bin dominates; log shows the spread
             ax.axvline(0, color="k", linewidth=0.4)
             txt = []
             if i < len(means):
@@ -189,9 +190,10 @@ def residual_hist(data: dict, title: str, path: Path, ncols: int = 4) -> Path | 
                 txt.append(f"σ={stds[i]:.2f}")
             ax.text(0.97, 0.95, "\n".join(txt), transform=ax.transAxes, ha="right", va="top")
             ax.set_title(str(layers[i]) if i < len(layers) else f"l{i:02d}", pad=1.5)
+            ax.set_yticks([], minor=True)
             ax.set_yticks([])
             ax.tick_params(length=1.5, pad=1)
-        sub = f"{title}: residual / λ"
+        sub = f"{title}: residual / λ (log density; μ, σ absolute)"
         if data.get("tau") is not None:
             sub += f" at T={data['tau']}"
         fig.suptitle(sub, fontsize=6)
