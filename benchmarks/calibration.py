@@ -120,7 +120,7 @@ def run(quick: bool, threads: int, reps: int = DEFAULT_REPS) -> str:
             f"harness Loader + forward + backward + SGD) = {step_s * 1e3:.1f} ms/step, extrapolated to a "
             f"CIFAR-10 epoch of 45,000/{BATCH} = {n_steps} steps = **{epoch_s:.1f} s** (an extrapolation, "
             "not a trained epoch). Calibration: `LocalCalibrator.calibrate` (ANN pass + SNN simulation "
-            f"with recording at τ = {TAU}, both residual definitions and histograms), eval batch "
+            f"with recording at τ = {TAU}, both residual definitions; no histograms, as every epoch but the last), eval batch "
             f"{cfg.data.eval_batch_size}. Medians of {reps} interleaved repetitions after one warm-up "
             f"(untimed set-up {setup_s:.0f} s).\n\n"
             + table(["calibration split", "calibration s", "% of epoch", f"target ≤ {TARGET_PCT:.0f}%"], rows))
