@@ -252,8 +252,17 @@ def _rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _hwm_kb() -> int:
+    """VmHWM: the RSS high-water mark, which clear_refs resets (ru_maxrss is never reset)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _reset_peak() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux >= 4.0); ru_maxrss follows it."""
+    """Reset the kernel's RSS high-water mark VmHWM (Linux >= 4.0)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -276,7 +285,7 @@ def memprobe(spec: dict) -> dict:
     reset = _reset_peak()
     before = _rss_kb()
     snn.simulate(x, spec["T"], chunk=spec["chunk"], layout=spec["layout"])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+    peak = _hwm_kb()
     return dict(before_kb=before, peak_kb=peak, delta_mb=max(peak - before, 0) / 1024, reset=reset)
 
 
@@ -321,7 +330,7 @@ def part_memory(cfg, threads) -> str:
               if all(r.get("reset") for r in res.values()) else
               "peak NOT reset (clear_refs unavailable): an earlier peak may hide part of the simulation's")
     return (f"{cfg['aux_arch']}, batch {B}. Each row is a fresh Python process: build the SNN, "
-            "warm up the kernels on 2 images, then peak = `ru_maxrss` after `simulate` minus the RSS "
+            "warm up the kernels on 2 images, then peak = VmHWM after `simulate` minus the RSS "
             f"just before it ({method}; `MALLOC_MMAP_THRESHOLD_=131072`, so freed tensors "
             "leave the RSS).\n\n"
             + table(["case", "peak extra RSS (MB)", "RSS before (MB)", f"vs T={t8}"], rows)
