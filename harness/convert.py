@@ -13,10 +13,10 @@ into the batch ([k*B, ...]); the neurons unfold time, loop over it and keep
 their membrane state across chunks.
   - "step":      k = 1, T network calls at batch B (no T-fold activations).
   - "multistep": k = chunk or T, layer by layer over T*B (fewer, larger kernels).
-Selection rule for layout="auto": CPU -> "step" (benchmarks/simulate.py measures it
-faster, as the dense conv cost is the same and the multistep layout pays for T-fold
-activation tensors); CUDA -> "multistep" (large batched kernels amortise launch
-overhead; not measured here).
+Selection rule for layout="auto": CPU -> "step" (benchmarks/simulate.py, batch 64:
+faster on VGG-16, within noise of "multistep" on ResNet-20, and it never holds T-fold
+activation tensors; at very small batches "multistep" can be faster); CUDA ->
+"multistep" (large batched kernels amortise launch overhead; not measured here).
 """
 from __future__ import annotations
 
