@@ -17,9 +17,12 @@ import threading
 import time
 from typing import Any, Mapping
 
+DEFAULT_BATCH = 500  # = harness.calibration.DEFAULT_BATCH (not imported: this module stays torch-free)
+
 NAMESPACE = "harness"
-# Data-config keys that do not change the calibration images.
-_NOT_CALIBRATION = ("batch_size", "eval_batch_size", "augment", "download")
+# Data-config keys that do not change the calibration images (augment does, with
+# noise.calib_augment).
+_NOT_CALIBRATION = ("batch_size", "eval_batch_size", "download")
 
 
 def actor_name(sweep: str) -> str:
@@ -27,15 +30,21 @@ def actor_name(sweep: str) -> str:
 
 
 def data_key(cfg) -> str:
-    """Identifies a calibration split: data source, seed (val split), val_fraction, calib_samples."""
+    """Identifies a calibration set: data source, seed (val split and subset draw),
+    val_fraction, calib_samples and, when calibration images are augmented, the augmentation."""
     data = {k: v for k, v in cfg.data.model_dump(mode="json").items() if k not in _NOT_CALIBRATION}
-    spec = {"data": data, "seed": cfg.train.seed, "calib_samples": cfg.noise.calib_samples}
+    if not cfg.noise.calib_augment:
+        data.pop("augment")
+    spec = {"data": data, "seed": cfg.train.seed, "calib_samples": cfg.noise.calib_samples,
+            "calib_augment": cfg.noise.calib_augment}
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def model_spec(cfg, num_classes: int, in_chans: int) -> dict[str, Any]:
-    return dict(arch=cfg.model.arch, num_classes=num_classes, L=cfg.model.L,
-                lam_init=cfg.model.lam_init, in_chans=in_chans)
+    """create_model kwargs of a trial's network. lambda's initial value is irrelevant (the
+    state dict overwrites it), so the config need not be resolved."""
+    return dict(arch=cfg.model.arch, num_classes=num_classes, in_chans=in_chans, L=cfg.model.L,
+                lam_init=1.0, grad=cfg.model.grad)
 
 
 class CalibrationActor:
@@ -46,55 +55,51 @@ class CalibrationActor:
         import torch
 
         from .config import Config
-        from .data import load_dataset
-        from .train import calibration_images
+        from .data import CalibrationSet, load_dataset
 
         torch.set_num_threads(max(1, int(threads)))
         self.device = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
-        self.images: dict[str, Any] = {}
+        self.sets: dict[str, Any] = {}
         self.shapes: dict[str, tuple[int, int]] = {}
         for key, d in configs.items():
             cfg = Config.from_dict(d)
             data = load_dataset(cfg.data, cfg.train.seed)
-            self.images[key] = calibration_images(data, cfg).to(self.device)
+            self.sets[key] = CalibrationSet.from_dataset(data, cfg.resolved(data.image_size))
             self.shapes[key] = (data.num_classes, data.in_chans)
         self._history: dict[str, dict[Any, dict]] = {}
         self._lock = threading.Lock()
-        self.calls = 0
-        self.busy_s = 0.0
 
     def ready(self) -> dict[str, Any]:
-        """Loaded splits: data_key -> {n_images, num_classes, in_chans}; and the device."""
+        """Loaded calibration sets: data_key -> {n_images, class_counts, num_classes, in_chans};
+        and the device."""
         return {"device": str(self.device),
-                "splits": {k: {"n_images": int(v.shape[0]), "num_classes": self.shapes[k][0],
-                               "in_chans": self.shapes[k][1]} for k, v in self.images.items()}}
+                "splits": {k: {"n_images": len(v), "class_counts": v.class_counts(),
+                               "num_classes": self.shapes[k][0], "in_chans": self.shapes[k][1]}
+                           for k, v in self.sets.items()}}
 
     def calibrate(self, model_spec: Mapping[str, Any], state_dict: Mapping[str, Any], tau: int,
                   data_key: str, trial_id: str | None = None, epoch: int | None = None,
-                  batch_size: int = 500) -> dict:
-        """ResidualStats.to_dict() of the model on the split `data_key`."""
+                  batch_size: int = DEFAULT_BATCH) -> dict:
+        """ResidualStats.to_dict() of the model on the calibration set `data_key`."""
         import torch
 
         from .calibration import residual_error
         from .models import create_model
 
-        t0 = time.perf_counter()
-        if data_key not in self.images:
-            raise KeyError(f"unknown data_key {data_key!r} (known: {', '.join(self.images)})")
+        if data_key not in self.sets:
+            raise KeyError(f"unknown data_key {data_key!r} (known: {', '.join(self.sets)})")
         torch.manual_seed(0)  # model init is overwritten by the state dict; keep it deterministic
         model = create_model(**model_spec)
         model.load_state_dict(state_dict)
         model.to(self.device)
-        stats = residual_error(model, self.images[data_key], tau, batch_size, histograms=epoch is None)
+        batches = self.sets[data_key].batches(batch_size, epoch, self.device)
+        stats = residual_error(model, batches, tau, histograms=epoch is None)
         if trial_id is not None:
             entry = {"epoch": epoch, "tau": tau, "n_images": stats.n_images,
                      "delta": {r: stats.delta(r) for r in stats.std},
                      "std": dict(stats.std), "mean": dict(stats.mean)}
             with self._lock:
                 self._history.setdefault(trial_id, {})[epoch if epoch is not None else "final"] = entry
-        with self._lock:
-            self.calls += 1
-            self.busy_s += time.perf_counter() - t0
         return stats.to_dict()
 
     def history(self, trial_id: str) -> list[dict]:
@@ -111,10 +116,6 @@ class CalibrationActor:
 
     def all_histories(self) -> dict[str, list[dict]]:
         return {t: self.history(t) for t in self.trials()}
-
-    def stats(self) -> dict[str, float]:
-        with self._lock:
-            return {"calls": self.calls, "busy_s": self.busy_s}
 
 
 def start_actor(name: str, configs: Mapping[str, Mapping[str, Any]], *, cpu: float = 0.0, gpu: float = 0.0,
@@ -133,7 +134,7 @@ def start_actor(name: str, configs: Mapping[str, Mapping[str, Any]], *, cpu: flo
 class ActorCalibrator:
     """The Calibrator protocol, served by the named CalibrationActor (used inside trials)."""
 
-    def __init__(self, name: str, data_key: str, model_spec: Mapping[str, Any], batch_size: int = 500, *,
+    def __init__(self, name: str, data_key: str, model_spec: Mapping[str, Any], batch_size: int = DEFAULT_BATCH, *,
                  retries: int = 5, backoff: float = 1.0):
         """`model_spec`: create_model kwargs (arch, num_classes, L, lam_init, in_chans)."""
         self.name, self.data_key, self.batch_size = name, data_key, batch_size

@@ -26,6 +26,7 @@ __all__ = ["ResidualStats", "residual_error", "estimate_delta", "Calibrator", "L
 RESIDUALS = ("end_to_end", "layer_local")
 HIST_BINS = 80
 HIST_RANGE = 1.0  # histogram of g / lambda over [-1, 1]; outliers land in the end bins
+DEFAULT_BATCH = 500  # images per calibration forward pass (the SNN holds tau steps of it)
 
 
 @dataclass
@@ -81,7 +82,7 @@ class _Acc:
 
 @torch.no_grad()
 def residual_error(model: nn.Module, batches: Iterable[torch.Tensor] | torch.Tensor, tau: int,
-                   batch_size: int = 500, histograms: bool = True) -> ResidualStats:
+                   batch_size: int = DEFAULT_BATCH, histograms: bool = True) -> ResidualStats:
     """Per-layer residual statistics (both definitions) of `model` against its SNN at tau.
     `batches`: normalised images, a tensor (split into `batch_size`) or an iterable.
     `histograms=False` skips the per-layer histograms (the per-epoch calibration)."""
@@ -150,14 +151,20 @@ class Calibrator(Protocol):
 
 
 class LocalCalibrator:
-    """In-process calibration on normalised calibration images (never augmented).
-    Histograms are computed for the final calibration only (epoch=None)."""
+    """In-process calibration on a `harness.data.CalibrationSet` (the validation split or
+    a stratified subset of it). Histograms are computed for the final calibration only
+    (epoch=None)."""
 
-    def __init__(self, images: torch.Tensor, batch_size: int = 500):
-        self.images = images
+    def __init__(self, calib_set, batch_size: int = DEFAULT_BATCH):
+        """`calib_set`: a CalibrationSet, or a tensor of normalised images."""
+        self.calib_set = calib_set
         self.batch_size = batch_size
 
     def calibrate(self, model: nn.Module, *, tau: int, trial_id: str | None = None,
                   epoch: int | None = None) -> ResidualStats:
-        x = self.images.to(next(model.parameters()).device)
-        return residual_error(model, x, tau, self.batch_size, histograms=epoch is None)
+        device = next(model.parameters()).device
+        if isinstance(self.calib_set, torch.Tensor):
+            batches = self.calib_set.to(device).split(self.batch_size)
+        else:
+            batches = self.calib_set.batches(self.batch_size, epoch, device)
+        return residual_error(model, batches, tau, histograms=epoch is None)

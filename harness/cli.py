@@ -47,24 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: harness {train,sweep,report} ... (see harness <command> --help)", file=sys.stderr)
         return 2
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "harness" / "inductor"))
-    from .config import ConfigError
-    from .convert import ConversionError
-    from .data import DataError
-    from .train import CheckpointError, TrainingError
-    from .sweep import SweepError
-    from .report import ReportError
+    from .errors import INTERRUPTED, HarnessError
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except ConfigError as e:
+    except HarnessError as e:
         print(str(e), file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError, TrainingError, ConversionError, SweepError, ReportError) as e:
-        msg = str(e)
-        print(msg if msg.split(":")[0].endswith("error") else f"error: {msg}", file=sys.stderr)
-        return 1
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

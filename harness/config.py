@@ -14,25 +14,31 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from .errors import BAD_INPUT, HarnessError
+from .methods import METHOD_BY_MODE
+
 DatasetName = Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"]
 PosInt = Annotated[int, Field(ge=1)]
 
 DEFAULT_LR = {"cifar100": 0.05}
 FALLBACK_LR = 0.1
+# dataset / architecture dependent defaults (Config.resolved)
+AUTO_KEYS = ("data.augment.crop_pad", "data.augment.flip", "data.augment.autoaugment",
+             "data.augment.cutout", "model.lam_init")
+NATURAL_IMAGES = ("cifar10", "cifar100", "imagefolder")
+SMALL_MODELS = ("cnn_small",)
+QCFS_LAM_INIT, SMALL_LAM_INIT = 8.0, 2.0
 
 # Custom pydantic error type: ctx["expected"] says what is accepted; an optional
 # ctx["field"] (+ ctx["value"]) names a key below the error's location.
 EXPECTED_ERROR = "harness_expected"
 
 
-class ConfigError(Exception):
+class ConfigError(HarnessError):
     """A configuration problem; str() is a single line starting with 'config error: '."""
 
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
-
-    def __str__(self) -> str:
-        return f"config error: {self.args[0]}"
+    kind = "config error"
+    exit_code = BAD_INPUT
 
 
 def expected_error(expected: str, field: str | None = None, value: Any = None) -> PydanticCustomError:
@@ -44,16 +50,19 @@ def expected_error(expected: str, field: str | None = None, value: Any = None) -
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # unknown keys are errors; inf / nan are never a valid number here
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- schema
 
 class AugmentCfg(_Section):
-    crop_pad: int = Field(4, ge=0)
-    flip: bool = True
-    cutout: int = Field(0, ge=0)
-    autoaugment: bool = False
+    """Training augmentation. null (the default) = the dataset's own default, resolved
+    once the image size is known (see `Config.resolved`)."""
+    crop_pad: int | None = Field(None, ge=0)
+    flip: bool | None = None
+    cutout: int | None = Field(None, ge=0)
+    autoaugment: bool | None = None
 
 
 class SyntheticCfg(_Section):
@@ -81,10 +90,17 @@ class DataCfg(_Section):
         return self
 
 
+GradFormulation = Literal["nq", "qcfs_iclr"]
+
+
 class ModelCfg(_Section):
     arch: str = Field("cnn_small", min_length=1)
     L: PosInt = 4
-    lam_init: float = Field(8.0, gt=0)
+    lam_init: float | None = Field(None, gt=0)  # null: the architecture's default (Config.resolved)
+    # gradient of the quantiser: "nq" clips z/lambda to [0, 1] before the floor (the NQ
+    # authors' MPLayer, putshua/ANN_SNN_QCFS); "qcfs_iclr" clips after it
+    # (putshua/SNN_conversion_QCFS). Forward values are identical.
+    grad: GradFormulation = "nq"
 
     @field_validator("arch")
     @classmethod
@@ -101,7 +117,8 @@ class NoiseCfg(_Section):
     delta: float = Field(0.0, ge=0)
     tau: PosInt = 4
     residual: Literal["end_to_end", "layer_local"] = "end_to_end"
-    calib_samples: PosInt | None = None
+    calib_samples: PosInt | None = None  # a class-stratified random subset of the validation split
+    calib_augment: bool = False  # calibrate on training-augmented images (the official NQ code does)
     scale: float = Field(1.0, ge=0)
 
 
@@ -135,6 +152,12 @@ class EvalCfg(_Section):
     def _sorted_unique(cls, T: list[int]) -> list[int]:
         return sorted(set(T))
 
+    @model_validator(mode="after")
+    def _select_T_evaluated(self) -> EvalCfg:
+        if self.select_T not in self.T:
+            raise expected_error(f"one of eval.T: {', '.join(map(str, self.T))}", "select_T", self.select_T)
+        return self
+
 
 class Config(_Section):
     data: DataCfg = Field(default_factory=DataCfg)
@@ -157,7 +180,38 @@ class Config(_Section):
 
     @property
     def method(self) -> str:
-        return {"qcfs": "QCFS", "layerwise": "NQ", "fixed": "NQ-fixed"}[self.noise.mode]
+        return METHOD_BY_MODE[self.noise.mode]
+
+    def auto_keys(self) -> list[str]:
+        """Dotted keys left null (= resolved from the dataset and architecture)."""
+        return [k for k in AUTO_KEYS if _get_dotted(self.to_dict(), k) is None]
+
+    def resolved(self, image_size: int) -> Config:
+        """A copy with every null default filled in for this dataset and architecture:
+
+        - natural images (cifar10/100, imagefolder): random crop padded by size/8 and
+          horizontal flips; at 32x32 also the QCFS recipe's AutoAugment (CIFAR-10
+          policy) and one 16-px Cutout hole (size/2).
+        - digits and synthetic images: crop padded by size/8 (1 px on 8x8 digits), no
+          flips (a mirrored digit is another glyph), no AutoAugment, no Cutout.
+        - model.lam_init: 8.0 (the QCFS initial threshold) for the CIFAR networks; 2.0 for
+          cnn_small, whose activations rarely exceed 2 (from 8.0 a short run never
+          brings lambda into range, and low-T accuracy measures the initialisation).
+        Explicit values are kept. The resolved config is what result.json and MLflow record.
+        """
+        natural = self.data.name in NATURAL_IMAGES
+        cifar_like = natural and image_size == 32
+        auto = {
+            "data.augment.crop_pad": max(1, round(image_size / 8)),
+            "data.augment.flip": natural,
+            "data.augment.autoaugment": cifar_like,
+            "data.augment.cutout": image_size // 2 if cifar_like else 0,
+            "model.lam_init": SMALL_LAM_INIT if self.model.arch in SMALL_MODELS else QCFS_LAM_INIT,
+        }
+        d = self.to_dict()
+        for key in self.auto_keys():
+            set_dotted(d, key, auto[key])
+        return Config.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -243,6 +297,13 @@ def apply_override(d: dict[str, Any], override: str, model: type[BaseModel] = Co
         raise ConfigError(f"override {override!r} (value is not valid YAML)") from None
     _check_path(model, parts, override)
     set_dotted(d, ".".join(parts), value)
+
+
+def _get_dotted(d: Mapping[str, Any], key: str) -> Any:
+    node: Any = d
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
 
 
 def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
@@ -367,7 +428,9 @@ def _describe(tp: Any, constraints: Sequence[Any] = (), plural: bool = False) ->
     constraints = list(constraints) + extra
     if nullable:
         inner = _describe(core, constraints, plural)
-        return f"{inner} or null" if inner else None
+        if not inner:
+            return None
+        return f"{inner}, or null" if " or " in inner else f"{inner} or null"
     if get_origin(core) is Literal:
         return "one of: " + ", ".join(str(a) for a in get_args(core))
     if get_origin(core) is list:

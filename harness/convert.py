@@ -25,6 +25,7 @@ import copy
 import torch
 from torch import nn
 
+from .errors import BAD_INPUT, HarnessError
 from .neurons import NQ, IFNeuron
 
 __all__ = ["to_snn", "SpikingNet", "ConversionError", "activation_layers"]
@@ -41,8 +42,11 @@ _REASONS = {
 }
 
 
-class ConversionError(ValueError):
-    pass
+class ConversionError(HarnessError, ValueError):
+    """A module that has no faithful IF counterpart (bad input: exit 2)."""
+
+    kind = "conversion error"
+    exit_code = BAD_INPUT
 
 
 def activation_layers(model: nn.Module) -> list[tuple[str, NQ]]:

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness.config import AugmentCfg, DataCfg, SyntheticCfg
+from harness.config import AugmentCfg, Config, DataCfg, SyntheticCfg
+from harness.errors import BAD_INPUT, HarnessError
 
 CACHE_VERSION = 1
 DIGITS_TEST_SEED = 12345
@@ -34,14 +35,11 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".
 SPLITS = ("train", "test")
 
 
-class DataError(Exception):
+class DataError(HarnessError):
     """A data problem; str() is a single line starting with 'data error: '."""
 
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
-
-    def __str__(self) -> str:
-        return f"data error: {self.args[0]}"
+    kind = "data error"
+    exit_code = BAD_INPUT
 
 
 @dataclass
@@ -59,6 +57,11 @@ class Dataset:
     std: tuple[float, ...]
     source: str
     classes: tuple[str, ...] = ()
+
+    @property
+    def image_size(self) -> int:
+        """Height of the images (the size that crop padding and Cutout scale with)."""
+        return int(self.train_x.shape[-2])
 
 
 # A loader returns the full splits as a dict: train_x, train_y, test_x, test_y,
@@ -89,7 +92,7 @@ def load_dataset(data_cfg: DataCfg, seed: int, cache_dir: str | Path | None = No
     except KeyError:
         raise DataError(f"unknown dataset {data_cfg.name!r} (known: {', '.join(list_datasets())})") from None
     raw = loader(data_cfg, Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
-    train_idx, val_idx = split_indices(len(raw["train_y"]), data_cfg.val_fraction, seed)
+    train_idx, val_idx = split_indices(raw["train_y"], data_cfg.val_fraction, seed)
     x, y = raw["train_x"], raw["train_y"]
     return Dataset(
         name=data_cfg.name,
@@ -101,11 +104,45 @@ def load_dataset(data_cfg: DataCfg, seed: int, cache_dir: str | Path | None = No
     )
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Disjoint sorted (train, val) indices of range(n); val is a seeded random subset."""
+def split_indices(y: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Disjoint sorted (train, val) indices of the training labels `y`: val is a seeded,
+    class-stratified random subset of round(len(y) * val_fraction) images."""
+    n = len(y)
     n_val = min(max(1, round(n * val_fraction)), n - 1)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_val:].sort().values, perm[:n_val].sort().values
+    val = stratified_sample(y, n_val, torch.Generator().manual_seed(seed))
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[val] = False
+    return mask.nonzero().flatten(), val.sort().values
+
+
+def stratified_allocation(counts: Sequence[int], n: int, gen: torch.Generator) -> list[int]:
+    """Per-class sample sizes that sum to `n`, each within one of its share
+    n * count_c / sum(counts) (largest remainder; ties broken at random by `gen`)."""
+    counts_t = torch.as_tensor(list(counts), dtype=torch.float64)
+    total = float(counts_t.sum())
+    if not 0 <= n <= total:
+        raise ValueError(f"cannot draw {n} of {int(total)} images")
+    quota = counts_t * (n / total)
+    take = quota.floor()
+    short = n - int(take.sum())
+    if short:
+        # largest fractional part first; a random key breaks ties (equal class sizes)
+        frac = quota - take
+        key = frac + torch.rand(len(frac), generator=gen, dtype=torch.float64) * 1e-9
+        key[take >= counts_t] = -1.0  # a class with nothing left cannot take more
+        take[key.argsort(descending=True)[:short]] += 1
+    return [int(v) for v in take]
+
+
+def stratified_sample(y: Tensor, n: int, gen: torch.Generator) -> Tensor:
+    """Indices of `n` samples of `y` drawn at random within each class, each class
+    getting its share within one image (`stratified_allocation`), in random order."""
+    classes = y.unique(sorted=True)
+    members = [(y == c).nonzero().flatten() for c in classes.tolist()]
+    take = stratified_allocation([len(m) for m in members], n, gen)
+    picked = [m[torch.randperm(len(m), generator=gen)[:k]] for m, k in zip(members, take)]
+    out = torch.cat(picked) if picked else torch.empty(0, dtype=torch.long)
+    return out[torch.randperm(len(out), generator=gen)]
 
 
 # ---------------------------------------------------------------- caching
@@ -480,6 +517,9 @@ class Loader:
                  drop_last: bool = False, device: str | torch.device = "cpu", seed: int = 0):
         if x.dtype != torch.uint8:
             raise TypeError(f"Loader expects uint8 images, got {x.dtype}")
+        if augment is not None and None in augment.model_dump().values():
+            raise ValueError(f"augment {augment} has dataset defaults left unresolved (null); "
+                             "pass Config.resolved(image_size).data.augment")
         self.device = torch.device(device)
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.batch_size, self.augment, self.shuffle = batch_size, augment, shuffle
@@ -521,3 +561,66 @@ class Loader:
 
     def _normalise(self, x: Tensor) -> Tensor:
         return (x.float() / 255 - self.mean) / self.std
+
+
+# ---------------------------------------------------------------- calibration split
+
+CALIB_SUBSET_SEED = 7_919  # offset: the calibration subset's draw is independent of the val split's
+CALIB_AUGMENT_SEED = 104_729  # offset: augmentation draws of calibration images vs. training batches
+
+
+@dataclass
+class CalibrationSet:
+    """The images that delta is estimated on: the validation split, or a seeded,
+    class-stratified random subset of it (`noise.calib_samples`), kept as uint8 and
+    normalised per batch. Never the test set. With `noise.calib_augment` the images get
+    the training augmentation, drawn from (seed, epoch), so every calibrator (local or
+    the shared actor) sees the same images for the same epoch; the final calibration
+    (epoch None) is never augmented."""
+
+    x: Tensor = field(repr=False)  # uint8 [N, C, H, W]
+    y: Tensor = field(repr=False)
+    indices: Tensor = field(repr=False)  # positions in the validation split
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: AugmentCfg | None
+    seed: int
+    subset: bool  # a stratified subset (True) or the whole validation split
+
+    @classmethod
+    def from_dataset(cls, data: Dataset, cfg: Config) -> CalibrationSet:
+        n = cfg.noise.calib_samples
+        subset = n is not None and n < len(data.val_y)
+        if subset:
+            gen = torch.Generator().manual_seed(cfg.train.seed + CALIB_SUBSET_SEED)
+            idx = stratified_sample(data.val_y, n, gen)
+        else:
+            idx = torch.arange(len(data.val_y))
+        return cls(data.val_x[idx], data.val_y[idx], idx, data.num_classes, data.mean, data.std,
+                   cfg.data.augment if cfg.noise.calib_augment else None, cfg.train.seed, subset)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def class_counts(self) -> list[int]:
+        return torch.bincount(self.y, minlength=self.num_classes).tolist()
+
+    def describe(self) -> dict[str, Any]:
+        """What result.json and MLflow record about the calibration images."""
+        return {"split": "val", "n_images": len(self), "class_counts": self.class_counts(),
+                "sampling": ("class-stratified random subset of the validation split" if self.subset
+                             else "the whole validation split (itself class-stratified)"),
+                "augmented": self.augment is not None}
+
+    def batches(self, batch_size: int, epoch: int | None = None,
+                device: str | torch.device = "cpu") -> Iterator[Tensor]:
+        """Normalised image batches in a fixed order (augmented when configured and epoch
+        is not None)."""
+        loader = Loader(self.x, self.y, batch_size, mean=self.mean, std=self.std,
+                        augment=self.augment if epoch is not None else None, device=device,
+                        seed=self.seed + CALIB_AUGMENT_SEED)
+        it = loader.epoch_batches(epoch) if (self.augment is not None and epoch is not None) \
+            else loader.eval_batches()
+        for x, _ in it:
+            yield x

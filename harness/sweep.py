@@ -42,6 +42,7 @@ from typing import Any, Literal, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import Config, ConfigError, apply_override, format_validation_error, set_dotted
+from .errors import BAD_INPUT, HarnessError
 
 __all__ = ["SweepError", "SearchSpace", "Trial", "load_space", "main"]
 
@@ -51,15 +52,12 @@ STATE_FILE = "harness_sweep.json"
 MAX_FAILURES = 2
 
 
-class SweepError(Exception):
+class SweepError(HarnessError):
     """An expected sweep failure (impossible resources, nothing to resume, ...); one line
-    starting with 'sweep error: '."""
+    starting with 'sweep error: '. Bad input (exit 2) unless raised with exit_code=1."""
 
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
-
-    def __str__(self) -> str:
-        return f"sweep error: {self.args[0]}"
+    kind = "sweep error"
+    exit_code = BAD_INPUT
 
 
 # ---------------------------------------------------------------- search-space schema
@@ -357,13 +355,16 @@ def train_trial(config: dict) -> None:
         from .actor import ActorCalibrator
         calibrator = ActorCalibrator(s["actor_name"], t["data_key"], t["model_spec"],
                                      cfg.data.eval_batch_size)
-    select_key = f"snn_{cfg.eval.select_on}_acc_T{cfg.eval.select_T}"
     last_sel = {"v": 0.0}
+    layers: list[str] = []
+
+    def on_start(info: dict) -> None:
+        layers[:] = info["layers"]
+        tracking.log_trial_params(client, run_id, info)
 
     def report(rec: dict, out_dir: Path) -> None:
-        metrics = tracking.epoch_metrics(rec, select_key)
         if rec["epoch"] not in done:  # a retried epoch that was already logged keeps its first values
-            tracking.log_epoch(client, run_id, rec, select_key)
+            tracking.log_epoch(client, run_id, rec, layers)
             done.add(rec["epoch"])
         if rec.get("snn_sel_acc") is not None:
             last_sel["v"] = float(rec["snn_sel_acc"])
@@ -376,14 +377,14 @@ def train_trial(config: dict) -> None:
                     os.link(out_dir / name, stage / name)
                 except OSError:
                     shutil.copy2(out_dir / name, stage / name)
-        shown = {k: metrics[k] for k in ("train_loss", "ann_test_acc", "calib_s", "epoch_s") if k in metrics}
+        shown = {k: rec[k] for k in ("train_loss", "ann_test_acc", "calib_s", "epoch_s") if k in rec}
         tune.report({**shown, "epoch": rec["epoch"], "snn_sel_acc": last_sel["v"]},
                     checkpoint=tune.Checkpoint.from_directory(str(stage)))
         shutil.rmtree(stage, ignore_errors=True)
 
     try:
-        result = run(cfg, out, calibrator=calibrator, callbacks=[report], extra={"mlflow_run_id": run_id},
-                     progress=False, trial_id=label)
+        result = run(cfg, out, calibrator=calibrator, callbacks=[report], on_start=on_start,
+                     extra={"mlflow_run_id": run_id}, progress=False, trial_id=label)
         tracking.log_final(client, run_id, result, out)
         tracking.set_status(client, run_id, "FINISHED")
     except BaseException as e:
@@ -489,10 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", name):
         raise ConfigError(f"--name {name!r} (expected letters, digits, '_', '.', '-')")
     from . import tracking
-    try:
-        uri = tracking.normalize_uri(a.tracking_uri)
-    except tracking.TrackingError as e:
-        raise SweepError(str(e)) from None
+    uri = tracking.normalize_uri(a.tracking_uri)
     if a.storage_path and "://" in a.storage_path:
         raise SweepError(f"--storage-path {a.storage_path!r}: only a filesystem path is supported "
                          "(on a multi-node cluster, a shared mount such as EFS/NFS)")

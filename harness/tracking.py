@@ -22,16 +22,36 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from .errors import BAD_INPUT, HarnessError
+
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
-EPOCH_KEYS = ("train_loss", "train_acc", "lr", "ann_val_acc", "ann_test_acc", "epoch_s", "calib_s")
-PER_LAYER = {"delta": "delta", "residual_mean": "residual_mean", "residual_std": "residual_std"}
+# MLflow's limits: characters per param value, entries per log_batch call
+MAX_PARAM_CHARS, MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH = 6000, 100, 1000
+# per-epoch record key -> MLflow metric (step = epoch)
+EPOCH_METRICS = {"train_loss": "train/loss", "train_acc": "train/acc", "lr": "train/lr",
+                 "ann_val_acc": "ann/val_acc", "ann_test_acc": "ann/test_acc",
+                 "epoch_s": "time/epoch_s", "train_s": "time/train_s", "calib_s": "time/calib_s",
+                 "eval_s": "time/eval_s"}
+# per-epoch, per-layer record key -> MLflow metric prefix (name: <prefix>/l<index>_<layer>)
+LAYER_METRICS = {"delta_trained": "delta", "delta_next": "delta_next",
+                 "residual_std": "residual/std", "residual_mean": "residual/mean"}
 
 
-class TrackingError(Exception):
-    """A tracking problem; str() is one line."""
+def t_name(T: int) -> str:
+    """Zero-padded so that MLflow's alphabetical order is the order of T: T04, T16."""
+    return f"T{int(T):02d}"
 
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+
+def layer_name(index: int, layer: str) -> str:
+    """The layer's key in metrics, histograms and heatmaps: l03_stages.0.0.act2."""
+    return f"l{index:02d}_{layer}"
+
+
+class TrackingError(HarnessError):
+    """A tracking problem (an unusable tracking URI is bad input: exit 2)."""
+
+    kind = "tracking error"
+    exit_code = BAD_INPUT
 
 
 # ---------------------------------------------------------------- URIs and clients
@@ -170,45 +190,66 @@ def find_child(c, experiment_id: str, parent_id: str, trial: str) -> str | None:
 
 
 def create_child(c, experiment_id: str, parent_id: str, trial: str, cfg) -> str:
-    """A new child run for `trial` with the config as params (Config.flat())."""
-    from mlflow.entities import Param
+    """A new child run for `trial` (tags only: the params are the resolved config, logged
+    by `log_trial_params` once the trial has loaded its data)."""
     tags = {"mlflow.parentRunId": parent_id, "harness.role": "trial", "harness.trial": trial,
             "harness.method": cfg.method, "harness.hardware": hardware()}
     run = retry(lambda: c.create_run(experiment_id, tags=tags, run_name=trial))
-    rid = run.info.run_id
-    params = [Param(k, "None" if v is None else str(v)[:6000]) for k, v in sorted(cfg.flat().items())]
-    for i in range(0, len(params), 100):
-        retry(lambda: c.log_batch(rid, params=params[i:i + 100]))
-    return rid
+    return run.info.run_id
 
 
-def logged_epochs(c, run_id: str, key: str = "train_loss") -> set[int]:
+def trial_params(info: Mapping[str, Any]) -> dict[str, str]:
+    """MLflow params of a trial from `train.run`'s on_start info: the resolved config
+    (dotted keys) and the calibration set (calib.*)."""
+    from .config import Config
+    params = {k: "None" if v is None else str(v) for k, v in Config.from_dict(info["config"]).flat().items()}
+    cal = info["calibration"]
+    params.update({"calib.n_images": str(cal["n_images"]),
+                   "calib.class_counts": ",".join(str(n) for n in cal["class_counts"]),
+                   "calib.sampling": cal["sampling"], "calib.augmented": str(cal["augmented"])})
+    params["config.defaults_resolved"] = ",".join(sorted(info.get("defaults_resolved", {}))) or "none"
+    return params
+
+
+def log_trial_params(c, run_id: str, info: Mapping[str, Any]) -> None:
+    """Idempotent: a retried trial logs the same values again."""
+    from mlflow.entities import Param
+    params = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in sorted(trial_params(info).items())]
+    for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+        retry(lambda: c.log_batch(run_id, params=params[i:i + MAX_PARAMS_PER_BATCH]))
+
+
+def logged_epochs(c, run_id: str, key: str = "train/loss") -> set[int]:
     return {int(m.step) for m in retry(lambda: c.get_metric_history(run_id, key))}
 
 
-def epoch_metrics(record: Mapping[str, Any], select_key: str) -> dict[str, float]:
-    """The per-epoch metrics of a train.run record, flattened for MLflow."""
-    out = {k: float(record[k]) for k in EPOCH_KEYS if record.get(k) is not None}
-    if record.get(select_key) is not None:
-        out[select_key] = float(record[select_key])
-    for src, name in PER_LAYER.items():
-        for i, v in enumerate(record.get(src) or []):
-            out[f"{name}_l{i:02d}"] = float(v)
+def epoch_metrics(record: Mapping[str, Any], layers: list[str]) -> dict[str, float]:
+    """The per-epoch metrics of a `train.run` record, named for MLflow (see module doc)."""
+    out = {name: float(record[k]) for k, name in EPOCH_METRICS.items() if record.get(k) is not None}
+    for t, acc in enumerate(record.get("snn_acc") or [], start=1):
+        out[f"snn/{record['snn_split']}_acc_{t_name(t)}"] = float(acc)
+    for key, prefix in LAYER_METRICS.items():
+        for i, v in enumerate(record.get(key) or []):
+            out[f"{prefix}/{layer_name(i, layers[i])}"] = float(v)
     return out
 
 
-def log_epoch(c, run_id: str, record: Mapping[str, Any], select_key: str) -> None:
+def log_epoch(c, run_id: str, record: Mapping[str, Any], layers: list[str]) -> None:
     from mlflow.entities import Metric
     ts, step = int(time.time() * 1000), int(record["epoch"])
-    metrics = [Metric(k, v, ts, step) for k, v in epoch_metrics(record, select_key).items()]
-    for i in range(0, len(metrics), 1000):
-        retry(lambda: c.log_batch(run_id, metrics=metrics[i:i + 1000]))
+    metrics = [Metric(k, v, ts, step) for k, v in epoch_metrics(record, layers).items()]
+    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        retry(lambda: c.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH]))
 
 
 def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    out = {f"snn_test_acc_T{t}": float(v) for t, v in result["snn_test_acc"].items()}
-    out["best_ann_test_acc"] = float(result["ann_test_acc"])
-    out["best_epoch"] = float(result["best_epoch"])
+    """The selected model's metrics (step 0), named apart from the per-epoch curves."""
+    out = {f"final/snn_test_acc_{t_name(t)}": float(v) for t, v in result["snn_test_acc"].items()}
+    out["final/ann_test_acc"] = float(result["ann_test_acc"])
+    out["final/ann_val_acc"] = float(result["ann_val_acc"])
+    if result.get("ann_noisy_test_acc") is not None:
+        out["final/ann_noisy_test_acc"] = float(result["ann_noisy_test_acc"])
+    out["final/best_epoch"] = float(result["best_epoch"])
     return out
 
 
@@ -217,6 +258,8 @@ def log_final(c, run_id: str, result: Mapping[str, Any], out_dir: Path,
     from mlflow.entities import Metric
     ts = int(time.time() * 1000)
     metrics = [Metric(k, v, ts, 0) for k, v in final_metrics(result).items()]
+    # accuracy against T as one series (step = T): MLflow draws the latency curve
+    metrics += [Metric("final/snn_test_acc_by_T", float(v), ts, int(t)) for t, v in result["snn_test_acc"].items()]
     retry(lambda: c.log_batch(run_id, metrics=metrics))
     plot_curves(result, out_dir / "curves.png")
     for name in (*files, "curves.png"):

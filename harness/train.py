@@ -1,23 +1,30 @@
 """One trial of NQ / QCFS training: train, calibrate delta, evaluate, select, resume.
 
-    for epoch in 1..E:
-        train one epoch with the current deltas (epoch 1: delta = 0)
-        calibrate: residual stats of ANN vs SNN(tau) on the calibration split
-        layerwise: delta_l <- scale * std_l          fixed: delta_l = delta   qcfs: 0
-        evaluate ANN (val, test) and SNN(select_T) on `select_on`; keep the best SNN
-        write the checkpoint atomically
-    evaluate the best checkpoint on test at every T with one simulation
+    trial = build(cfg, out)                         data, resolved config, model, optimiser
+    state = resume(trial)                           the checkpoint's state, or a fresh one
+    for epoch in state.epoch+1 .. E:
+        rec = train_epoch(trial, state, epoch)      with delta_trained = state.delta_next
+                                                    (epoch 1: delta = 0)
+        calibrate(trial, state, rec)                residual of ANN vs SNN(tau) on the
+                                                    calibration set -> delta_next
+                                                    (layerwise: scale * std_l; fixed: delta; qcfs: 0)
+        evaluate(trial, state, rec)                 ANN (val, test), SNN(T <= select_T) on select_on
+        select_and_save(trial, state, rec)          keep the best SNN; atomic checkpoint
+    finish(trial, state)                            best checkpoint on test at every T, one simulation
+
+`delta_trained` is the noise the weights of an epoch were trained with (what `best.pt`'s
+buffers hold); `delta_next` is the one calibrated after it, which the next epoch uses.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,33 +32,55 @@ import torch.nn.functional as F
 from .calibration import Calibrator, LocalCalibrator, ResidualStats, get_deltas, set_deltas
 from .config import Config
 from .convert import activation_layers, to_snn
-from .data import Dataset, Loader, load_dataset
+from .data import CalibrationSet, Dataset, Loader, load_dataset
+from .errors import BAD_INPUT, HarnessError
+from .io import atomic_torch_save, atomic_write_json
 from .models import create_model
 
-__all__ = ["run", "TrainingError", "CheckpointError", "evaluate_ann", "evaluate_snn",
-           "count_macs", "make_calibrator", "read_checkpoint_extra", "CKPT", "BEST"]
+__all__ = ["run", "TrainingError", "CheckpointError", "RunDirError", "TrialState", "evaluate_ann",
+           "evaluate_snn", "count_macs", "cosine_lr", "read_checkpoint_extra", "CKPT", "BEST"]
 
 CKPT, BEST = "checkpoint.pt", "best.pt"
+LOCK_FILE, PID_FILE = ".harness.lock", ".harness.pid"
+CKPT_FORMAT = 2
+# keys whose change does not make a resumed run a different run (more epochs extend it)
+RESUMABLE_CHANGES = ("train.epochs", "train.threads")
+NOISY_EVAL_SEED = 2_718  # the noisy-ANN evaluation draws its noise from its own seeded stream
 
 
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(HarnessError):
+    kind = "training error"
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(HarnessError):
+    kind = "checkpoint error"
+    exit_code = BAD_INPUT
+
+
+class RunDirError(HarnessError):
+    """The --out folder is in use or holds a different run."""
+    kind = "run directory error"
+    exit_code = BAD_INPUT
 
 
 # ---------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate_ann(model, batches: Iterable) -> float:
+def evaluate_ann(model, batches: Iterable, noisy: bool = False, seed: int = NOISY_EVAL_SEED) -> float:
+    """ANN accuracy (%). BN in eval mode; `noisy=True` keeps the NQ noise on (delta from the
+    buffers), as the official NQ code measures its ANN, with noise from its own seed."""
     was = model.training
     model.eval()
+    acts = [a for _, a in activation_layers(model)]
+    if noisy:
+        for a in acts:
+            a.train()
     correct = total = 0
-    for x, y in batches:
-        correct += (model(x).argmax(1) == y).sum().item()
-        total += len(y)
+    with torch.random.fork_rng(devices=[]):  # never disturb the training RNG stream
+        torch.manual_seed(seed)
+        for x, y in batches:
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
     model.train(was)
     return 100.0 * correct / max(total, 1)
 
@@ -92,19 +121,18 @@ def count_macs(model, input_shape) -> int:
     return int(macs)
 
 
+def cosine_lr(base: float, step: int, total_steps: int) -> float:
+    """The learning rate at optimiser step `step` (0-based): cosine from `base` to 0."""
+    return base * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+
+
 # ---------------------------------------------------------------------------- checkpoints
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
 
 def _load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'corrupted'}); "
                               "delete it to start over") from None
 
@@ -115,15 +143,77 @@ def read_checkpoint_extra(out_dir: str | Path) -> dict:
     return dict(_load(p).get("extra", {})) if p.exists() else {}
 
 
-# ---------------------------------------------------------------------------- the run
+@contextmanager
+def run_dir_lock(out: Path) -> Iterator[None]:
+    """Exclusive use of a run directory by this process; a second process fails at once."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(out / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            pid = (out / PID_FILE).read_text().strip() or "unknown"
+        except OSError:
+            pid = "unknown"
+        raise RunDirError(f"--out {out} is in use by another harness process (pid {pid}); "
+                          "wait for it to finish or choose another --out") from None
+    try:
+        (out / PID_FILE).write_text(str(os.getpid()))
+        yield
+    finally:
+        (out / PID_FILE).unlink(missing_ok=True)
+        lock.release()
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    a, b = Config.from_dict(old).flat(), Config.from_dict(new).flat()
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+# ---------------------------------------------------------------------------- the trial
 
 @dataclass
-class _Setup:
-    data: Dataset
-    train: Loader
-    val: Loader
-    test: Loader
+class TrialState:
+    """What a checkpoint carries between epochs (besides weights and optimiser)."""
+    epoch: int = 0                     # last completed epoch
+    step: int = 0                      # optimiser steps taken
+    best_acc: float = -1.0             # best SNN accuracy at select_T on select_on
+    best_epoch: int = 0
+    delta_next: list[float] = field(default_factory=list)  # the delta the next epoch trains with
+    history: list[dict] = field(default_factory=list)      # one record per epoch
+    extended_from: int | None = None   # train.epochs before a resume raised it
+
+
+@dataclass
+class Trial:
+    """Everything built once per trial (nothing here changes between epochs)."""
+    cfg: Config                        # resolved: no null defaults left
+    out: Path
     device: torch.device
+    data: Dataset
+    loaders: dict[str, Loader]
+    calib_set: CalibrationSet
+    calibrator: Calibrator
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    mem_fmt: torch.memory_format
+    layers: list[str]
+    defaults_resolved: dict            # config keys left null, with the values they resolved to
+    progress: bool = True
+    trial_id: str | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.train.epochs * len(self.loaders["train"])
+
+    def fixed_delta(self) -> list[float]:
+        """The delta of the non-adaptive modes (fixed: noise.delta everywhere; qcfs: 0)."""
+        d = self.cfg.noise.delta if self.cfg.noise.mode == "fixed" else 0.0
+        return [d] * len(self.layers)
 
 
 def _device(cfg: Config) -> torch.device:
@@ -132,204 +222,260 @@ def _device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def calibration_images(data: Dataset, cfg: Config) -> torch.Tensor:
-    """The calibration split, normalised, never augmented: the validation split
-    (its first `calib_samples` images; the split is already a random subset)."""
-    x = data.val_x if cfg.noise.calib_samples is None else data.val_x[: cfg.noise.calib_samples]
-    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
-    std = torch.tensor(data.std).view(1, -1, 1, 1)
-    return (x.float() / 255 - mean) / std
-
-
-def make_calibrator(cfg: Config, data: Dataset | None = None, device="cpu") -> LocalCalibrator:
-    data = data or load_dataset(cfg.data, cfg.train.seed)
-    return LocalCalibrator(calibration_images(data, cfg).to(device), cfg.data.eval_batch_size)
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def run(cfg: Config, out_dir: str | Path, *, calibrator: Calibrator | None = None,
-        callbacks: Iterable[Callable[[dict, Path], None]] = (), extra: dict | None = None,
-        progress: bool = True, trial_id: str | None = None) -> dict:
-    """Train one trial into `out_dir`, resuming from its checkpoint if there is one.
-    `callbacks(record, out_dir)` run after each epoch's checkpoint is written.
-    `extra` is stored in the checkpoint (e.g. an MLflow run id). Returns result.json."""
-    out = Path(out_dir).absolute()
+def build(cfg: Config, out_dir: str | Path, calibrator: Calibrator | None = None,
+          progress: bool = True, trial_id: str | None = None) -> Trial:
+    """Load the data, resolve the config's dataset defaults and build model and optimiser.
+    Writes nothing."""
     t_cfg = cfg.train
     if t_cfg.threads:
         torch.set_num_threads(t_cfg.threads)
     device = _device(cfg)
     if device.type == "cpu" and (t_cfg.amp or t_cfg.channels_last):
         _say("notice: train.amp / train.channels_last only apply on CUDA; ignored on CPU")
-    use_amp = device.type == "cuda" and t_cfg.amp
-    mem_fmt = torch.channels_last if device.type == "cuda" and t_cfg.channels_last else torch.contiguous_format
-
     data = load_dataset(cfg.data, t_cfg.seed)
+    auto = cfg.auto_keys()
+    cfg = cfg.resolved(data.image_size)
+    norm = dict(mean=data.mean, std=data.std, device=device)
     loaders = dict(
-        train=Loader(data.train_x, data.train_y, cfg.data.batch_size, mean=data.mean, std=data.std,
-                     augment=cfg.data.augment, shuffle=True, drop_last=True, device=device, seed=t_cfg.seed),
-        val=Loader(data.val_x, data.val_y, cfg.data.eval_batch_size, mean=data.mean, std=data.std, device=device),
-        test=Loader(data.test_x, data.test_y, cfg.data.eval_batch_size, mean=data.mean, std=data.std, device=device),
+        train=Loader(data.train_x, data.train_y, cfg.data.batch_size, augment=cfg.data.augment,
+                     shuffle=True, drop_last=True, seed=t_cfg.seed, **norm),
+        val=Loader(data.val_x, data.val_y, cfg.data.eval_batch_size, **norm),
+        test=Loader(data.test_x, data.test_y, cfg.data.eval_batch_size, **norm),
     )
     if len(loaders["train"]) == 0:
-        raise TrainingError(f"data.batch_size = {cfg.data.batch_size} exceeds the {loaders['train'].num_samples} "
-                            "training images")
-    if calibrator is None:
-        calibrator = make_calibrator(cfg, data, device)
-    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
+        raise TrainingError(f"data.batch_size = {cfg.data.batch_size} exceeds the "
+                            f"{loaders['train'].num_samples} training images", exit_code=BAD_INPUT)
+    calib_set = CalibrationSet.from_dataset(data, cfg)
+    calibrator = calibrator or LocalCalibrator(calib_set, cfg.data.eval_batch_size)
 
+    use_amp = device.type == "cuda" and t_cfg.amp
+    mem_fmt = torch.channels_last if device.type == "cuda" and t_cfg.channels_last else torch.contiguous_format
     torch.manual_seed(t_cfg.seed)
-    model = create_model(cfg.model.arch, num_classes=data.num_classes, L=cfg.model.L,
-                         lam_init=cfg.model.lam_init, in_chans=data.in_chans).to(device, memory_format=mem_fmt)
-    lam_params = [a.lam for _, a in activation_layers(model)]
-    lam_ids = {id(p) for p in lam_params}
-    others = [p for p in model.parameters() if id(p) not in lam_ids]
+    model = create_model(cfg.model.arch, num_classes=data.num_classes, in_chans=data.in_chans, L=cfg.model.L,
+                         lam_init=cfg.model.lam_init, grad=cfg.model.grad).to(device, memory_format=mem_fmt)
+    acts = activation_layers(model)
+    lam_ids = {id(a.lam) for _, a in acts}
     wd = t_cfg.weight_decay
-    opt = torch.optim.SGD([{"params": others, "weight_decay": wd},
-                           {"params": lam_params, "weight_decay": wd if t_cfg.lam_weight_decay else 0.0}],
+    opt = torch.optim.SGD([{"params": [p for p in model.parameters() if id(p) not in lam_ids], "weight_decay": wd},
+                           {"params": [a.lam for _, a in acts],
+                            "weight_decay": wd if t_cfg.lam_weight_decay else 0.0}],
                           lr=cfg.lr, momentum=t_cfg.momentum, nesterov=t_cfg.nesterov)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    steps_per_epoch = len(loaders["train"])
-    total_steps = t_cfg.epochs * steps_per_epoch
-
-    def lr_at(step: int) -> float:  # cosine over all steps
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-
-    state = dict(epoch=0, step=0, history=[], best_acc=-1.0, best_epoch=0, deltas=[0.0] * len(lam_params))
-    ckpt_path, best_path = out / CKPT, out / BEST
-    extra = dict(extra or {})
-    if ckpt_path.exists():
-        ck = _load(ckpt_path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        state = ck["state"]
-        extra = {**ck.get("extra", {}), **extra}
-        torch.set_rng_state(ck["rng"]["cpu"])
-        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-        if progress:
-            _say(f"resumed from {ckpt_path} after epoch {state['epoch']}")
-
-    layers = [n for n, _ in activation_layers(model)]
-    select_key = f"snn_{cfg.eval.select_on}_acc_T{cfg.eval.select_T}"
-    for epoch in range(state["epoch"] + 1, t_cfg.epochs + 1):
-        # 1. train with the current deltas
-        mode = cfg.noise.mode
-        set_deltas(model, state["deltas"] if mode == "layerwise" else
-                   (cfg.noise.delta if mode == "fixed" else 0.0))
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        seen = 0
-        batches = loaders["train"].epoch_batches(epoch)
-        bar = _progress(batches, steps_per_epoch, f"epoch {epoch}/{t_cfg.epochs}", progress)
-        for i, (x, y) in enumerate(bar):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(state["step"])
-            x = x.contiguous(memory_format=mem_fmt)
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=t_cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite loss at epoch {epoch}, step {i + 1}")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            state["step"] += 1
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-        train_s = time.perf_counter() - t0
-
-        # 2. calibrate (every mode records the residual; layerwise sets delta from it)
-        t1 = time.perf_counter()
-        stats = calibrator.calibrate(model, tau=cfg.noise.tau, trial_id=trial_id, epoch=epoch)
-        calib_s = time.perf_counter() - t1
-        if mode == "layerwise":
-            state["deltas"] = stats.delta(cfg.noise.residual, cfg.noise.scale)
-        set_deltas(model, state["deltas"] if mode == "layerwise" else
-                   (cfg.noise.delta if mode == "fixed" else 0.0))
-
-        # 3. evaluate and select
-        rec = dict(epoch=epoch, train_loss=loss_sum.item() / seen, train_acc=100.0 * correct.item() / seen,
-                   lr=lr_at(state["step"] - 1), delta=get_deltas(model),
-                   residual_mean=stats.mean[cfg.noise.residual], residual_std=stats.std[cfg.noise.residual],
-                   residual_mean_e2e=stats.mean["end_to_end"], residual_std_e2e=stats.std["end_to_end"],
-                   residual_mean_local=stats.mean["layer_local"], residual_std_local=stats.std["layer_local"],
-                   calib_s=calib_s, train_s=train_s)
-        if epoch % cfg.eval.every == 0 or epoch == t_cfg.epochs:
-            t2 = time.perf_counter()
-            rec["ann_val_acc"] = evaluate_ann(model, loaders["val"].eval_batches())
-            rec["ann_test_acc"] = evaluate_ann(model, loaders["test"].eval_batches())
-            sel = evaluate_snn(model, loaders[cfg.eval.select_on].eval_batches(), cfg.eval.select_T)
-            rec[select_key] = rec["snn_sel_acc"] = sel[-1]
-            rec["eval_s"] = time.perf_counter() - t2
-            if sel[-1] > state["best_acc"]:
-                state["best_acc"], state["best_epoch"] = sel[-1], epoch
-                _atomic_save({"model": model.state_dict(), "epoch": epoch}, best_path)
-        rec["epoch_s"] = time.perf_counter() - t0
-        state["history"].append(rec)
-        state["epoch"] = epoch
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                      "scaler": scaler.state_dict(), "state": state, "extra": extra,
-                      "rng": {"cpu": torch.get_rng_state(),
-                              "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}},
-                     ckpt_path)
-        if progress:
-            _say(_summary(rec, cfg, stats))
-        if os.environ.get("HARNESS_TEST_DIE_AFTER_EPOCH") == str(epoch):
-            os._exit(137)  # test hook: simulate a kill right after a checkpoint
-        for cb in callbacks:
-            cb(rec, out)
-
-    return _finish(cfg, model, data, loaders, state, out, calibrator, layers, trial_id)
+    flat = cfg.flat()
+    return Trial(cfg, Path(out_dir).absolute(), device, data, loaders, calib_set, calibrator, model, opt,
+                 scaler, use_amp, mem_fmt, [n for n, _ in acts], {k: flat[k] for k in auto}, progress, trial_id)
 
 
-def _finish(cfg, model, data, loaders, state, out: Path, calibrator, layers, trial_id) -> dict:
-    ck = _load(out / BEST)
-    model.load_state_dict(ck["model"])
-    T_max = max(cfg.eval.T)
-    accs = evaluate_snn(model, loaders["test"].eval_batches(), T_max)
-    best_rec = next(r for r in state["history"] if r["epoch"] == state["best_epoch"])
-    final_stats = calibrator.calibrate(model, tau=cfg.noise.tau, trial_id=trial_id, epoch=None)
+def resume(trial: Trial, extra: dict) -> TrialState:
+    """The state after the last checkpointed epoch (model, optimiser and RNG restored), or
+    a fresh state. Refuses a checkpoint of a different run. Updates `extra` in place."""
+    path = trial.out / CKPT
+    if not path.exists():
+        return TrialState(delta_next=[0.0] * len(trial.layers))
+    ck = _load(path)
+    if ck.get("format") != CKPT_FORMAT or "config" not in ck:
+        raise CheckpointError(f"{path} was written by another version of the harness (checkpoint format "
+                              f"{ck.get('format', 1)}, expected {CKPT_FORMAT}); delete it or choose another --out")
+    new = trial.cfg.to_dict()
+    changed = config_changes(ck["config"], new)
+    refused = [k for k in changed if k not in RESUMABLE_CHANGES]
+    state = TrialState(**ck["state"])
+    if refused:
+        raise RunDirError(f"{trial.out} holds a run with a different config ({', '.join(refused)} differ); "
+                          "choose another --out, or delete the folder to start over")
+    if trial.cfg.train.epochs < state.epoch:
+        raise RunDirError(f"train.epochs = {trial.cfg.train.epochs}, but {trial.out} has already trained "
+                          f"{state.epoch} epochs (expected train.epochs >= {state.epoch})")
+    if "train.epochs" in changed and state.extended_from is None:
+        state.extended_from = ck["config"]["train"]["epochs"]
+        _say(f"notice: extending the run from {state.extended_from} to {trial.cfg.train.epochs} epochs; the "
+             "cosine schedule is stretched from here on, so it is not the same as a fresh run")
+    try:
+        trial.model.load_state_dict(ck["model"])
+        trial.opt.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} does not fit model.arch = {trial.cfg.model.arch} "
+                              f"({str(e).splitlines()[0]})") from None
+    trial.scaler.load_state_dict(ck["scaler"])
+    torch.set_rng_state(ck["rng"]["cpu"])
+    if trial.device.type == "cuda" and ck["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    for k, v in ck.get("extra", {}).items():
+        extra.setdefault(k, v)
+    if trial.progress:
+        _say(f"resumed from {path} after epoch {state.epoch}")
+    return state
+
+
+def train_epoch(trial: Trial, state: TrialState, epoch: int) -> dict:
+    """One epoch of SGD with delta_trained = state.delta_next in every noisy layer."""
+    cfg, model, opt = trial.cfg, trial.model, trial.opt
+    delta = state.delta_next if cfg.noise.mode == "layerwise" else trial.fixed_delta()
+    set_deltas(model, delta)
+    model.train()
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=trial.device)
+    correct = torch.zeros((), device=trial.device, dtype=torch.int64)
+    seen = 0
+    batches = trial.loaders["train"].epoch_batches(epoch)
+    for i, (x, y) in enumerate(_progress(batches, len(trial.loaders["train"]),
+                                         f"epoch {epoch}/{cfg.train.epochs}", trial.progress)):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(cfg.lr, state.step, trial.total_steps)
+        with torch.autocast(trial.device.type, enabled=trial.use_amp):
+            logits = model(x.contiguous(memory_format=trial.mem_fmt))
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"non-finite loss at epoch {epoch}, step {i + 1}")
+        opt.zero_grad(set_to_none=True)
+        trial.scaler.scale(loss).backward()
+        trial.scaler.step(opt)
+        trial.scaler.update()
+        state.step += 1
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+    return dict(epoch=epoch, train_loss=loss_sum.item() / seen, train_acc=100.0 * correct.item() / seen,
+                lr=cosine_lr(cfg.lr, state.step - 1, trial.total_steps), delta_trained=get_deltas(model),
+                train_s=time.perf_counter() - t0)
+
+
+def calibrate(trial: Trial, state: TrialState, rec: dict) -> ResidualStats:
+    """Residual statistics after the epoch (every mode records them) and the next delta.
+    The model's delta buffers keep delta_trained until the next epoch starts."""
+    cfg = trial.cfg
+    t0 = time.perf_counter()
+    stats = trial.calibrator.calibrate(trial.model, tau=cfg.noise.tau, trial_id=trial.trial_id,
+                                       epoch=rec["epoch"])
+    state.delta_next = (stats.delta(cfg.noise.residual, cfg.noise.scale) if cfg.noise.mode == "layerwise"
+                        else trial.fixed_delta())
+    rec.update(delta_next=list(state.delta_next), calib_s=time.perf_counter() - t0,
+               residual_mean=stats.mean[cfg.noise.residual], residual_std=stats.std[cfg.noise.residual],
+               residual_mean_e2e=stats.mean["end_to_end"], residual_std_e2e=stats.std["end_to_end"],
+               residual_mean_local=stats.mean["layer_local"], residual_std_local=stats.std["layer_local"])
+    return stats
+
+
+def evaluate(trial: Trial, state: TrialState, rec: dict) -> None:
+    """ANN accuracy (noise off) on val and test; SNN accuracy at T = 1..select_T on the
+    selection split (`snn_acc`, index T-1), every `eval.every` epochs and at the last."""
+    cfg, model = trial.cfg, trial.model
+    if rec["epoch"] % cfg.eval.every and rec["epoch"] != cfg.train.epochs:
+        return
+    t0 = time.perf_counter()
+    rec["ann_val_acc"] = evaluate_ann(model, trial.loaders["val"].eval_batches())
+    rec["ann_test_acc"] = evaluate_ann(model, trial.loaders["test"].eval_batches())
+    rec["snn_acc"] = evaluate_snn(model, trial.loaders[cfg.eval.select_on].eval_batches(), cfg.eval.select_T)
+    rec["snn_split"] = cfg.eval.select_on
+    rec["snn_sel_acc"] = rec["snn_acc"][-1]
+    rec["eval_s"] = time.perf_counter() - t0
+
+
+def select_and_save(trial: Trial, state: TrialState, rec: dict, extra: dict) -> None:
+    """Keep the best SNN (at select_T on select_on) in best.pt and checkpoint the epoch.
+    Both files hold the weights with their delta_trained buffers."""
+    if rec.get("snn_sel_acc") is not None and rec["snn_sel_acc"] > state.best_acc:
+        state.best_acc, state.best_epoch = rec["snn_sel_acc"], rec["epoch"]
+        atomic_torch_save({"model": trial.model.state_dict(), "epoch": rec["epoch"],
+                           "delta_trained": rec["delta_trained"], "delta_next": rec["delta_next"]},
+                          trial.out / BEST)
+    state.history.append(rec)
+    state.epoch = rec["epoch"]
+    cuda = trial.device.type == "cuda"
+    atomic_torch_save({"format": CKPT_FORMAT, "config": trial.cfg.to_dict(), "model": trial.model.state_dict(),
+                       "optimizer": trial.opt.state_dict(), "scaler": trial.scaler.state_dict(),
+                       "state": asdict(state), "extra": extra,
+                       "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None}},
+                      trial.out / CKPT)
+
+
+def finish(trial: Trial, state: TrialState) -> dict:
+    """Evaluate the selected checkpoint on test at every T (one simulation to max T),
+    calibrate it once more with histograms, and write result.json and residual_hist.json."""
+    cfg, model = trial.cfg, trial.model
+    best = _load(trial.out / BEST)
+    model.load_state_dict(best["model"])  # with its delta_trained buffers
+    test = trial.loaders["test"]
+    accs = evaluate_snn(model, test.eval_batches(), max(cfg.eval.T))
+    noisy = cfg.noise.mode != "qcfs" and any(d > 0 for d in best["delta_trained"])
+    best_rec = next(r for r in state.history if r["epoch"] == state.best_epoch)
+    final_stats = trial.calibrator.calibrate(model, tau=cfg.noise.tau, trial_id=trial.trial_id, epoch=None)
     result = dict(
-        method=cfg.method, config=cfg.to_dict(), data_source=data.source,
+        method=cfg.method, config=cfg.to_dict(), defaults_resolved=trial.defaults_resolved,
+        data_source=trial.data.source, protocol=protocol(trial, state),
         ann_test_acc=best_rec["ann_test_acc"], ann_val_acc=best_rec["ann_val_acc"],
+        ann_noisy_test_acc=evaluate_ann(model, test.eval_batches(), noisy=True) if noisy else None,
         snn_test_acc={str(t): accs[t - 1] for t in cfg.eval.T},
-        best_epoch=state["best_epoch"], selected_on=cfg.eval.select_on, select_T=cfg.eval.select_T,
-        layers=layers, deltas=get_deltas(model),
-        macs=count_macs(model, tuple(data.test_x.shape[1:])),
-        history=state["history"],
+        best_epoch=state.best_epoch, selected_on=cfg.eval.select_on, select_T=cfg.eval.select_T,
+        layers=trial.layers, delta_trained=best["delta_trained"], delta_next=best["delta_next"],
+        calibration=trial.calib_set.describe(),
+        macs=count_macs(model, tuple(trial.data.test_x.shape[1:])),
+        history=state.history,
     )
     hist = dict(layers=final_stats.layers, lam=final_stats.lam, edges=final_stats.hist_edges,
                 edges_unit="residual / lambda", counts=final_stats.hist[cfg.noise.residual],
                 counts_by_residual=final_stats.hist, mean=final_stats.mean[cfg.noise.residual],
                 std=final_stats.std[cfg.noise.residual], residual=cfg.noise.residual,
                 tau=cfg.noise.tau, n_images=final_stats.n_images)
-    _write_json(out / "result.json", result)
-    _write_json(out / "residual_hist.json", hist)
+    atomic_write_json(trial.out / "result.json", result)
+    atomic_write_json(trial.out / "residual_hist.json", hist)
     return result
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def protocol(trial: Trial, state: TrialState) -> dict:
+    """Every protocol choice that the numbers depend on, as result.json records it."""
+    cfg = trial.cfg
+    return {"selection": f"best SNN at T={cfg.eval.select_T} on the {cfg.eval.select_on} split",
+            "select_on": cfg.eval.select_on, "select_T": cfg.eval.select_T,
+            "grad": cfg.model.grad, "ann_accuracy": "noise off (eval mode); ann_noisy_test_acc has it on",
+            "calibration": trial.calib_set.describe(), "residual": cfg.noise.residual,
+            "epochs": cfg.train.epochs, "extended_from_epochs": state.extended_from}
 
 
-def _summary(rec: dict, cfg: Config, stats: ResidualStats) -> str:
-    s = (f"epoch {rec['epoch']}/{cfg.train.epochs}  loss {rec['train_loss']:.4f}  "
-         f"lr {rec['lr']:.4g}")
+def run(cfg: Config, out_dir: str | Path, *, calibrator: Calibrator | None = None,
+        callbacks: Iterable[Callable[[dict, Path], None]] = (), on_start: Callable[[dict], None] | None = None,
+        extra: dict | None = None, progress: bool = True, trial_id: str | None = None) -> dict:
+    """Train one trial into `out_dir`, resuming from its checkpoint if there is one.
+    `on_start(info)` runs once the config is resolved and the run directory is locked (info:
+    resolved config, calibration set); `callbacks(record, out_dir)` run after each epoch's
+    checkpoint is written. `extra` is stored in the checkpoint (e.g. an MLflow run id).
+    Returns what result.json holds."""
+    trial = build(cfg, out_dir, calibrator, progress, trial_id)
+    trial.out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
+    extra = dict(extra or {})
+    with run_dir_lock(trial.out):
+        state = resume(trial, extra)
+        if on_start is not None:
+            on_start({"config": trial.cfg.to_dict(), "defaults_resolved": trial.defaults_resolved,
+                      "layers": list(trial.layers),
+                      "calibration": trial.calib_set.describe()})
+        for epoch in range(state.epoch + 1, trial.cfg.train.epochs + 1):
+            t0 = time.perf_counter()
+            rec = train_epoch(trial, state, epoch)
+            calibrate(trial, state, rec)
+            evaluate(trial, state, rec)
+            rec["epoch_s"] = time.perf_counter() - t0
+            select_and_save(trial, state, rec, extra)
+            if progress:
+                _say(_summary(rec, trial.cfg))
+            for cb in callbacks:
+                cb(rec, trial.out)
+        return finish(trial, state)
+
+
+# ---------------------------------------------------------------------------- console
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _summary(rec: dict, cfg: Config) -> str:
+    s = f"epoch {rec['epoch']}/{cfg.train.epochs}  loss {rec['train_loss']:.4f}  lr {rec['lr']:.4g}"
     if "ann_val_acc" in rec:
         s += (f"  ann val {rec['ann_val_acc']:.2f} test {rec['ann_test_acc']:.2f}  "
               f"snn {cfg.eval.select_on} T={cfg.eval.select_T} {rec['snn_sel_acc']:.2f}")
-    d = rec["delta"]
-    s += f"  delta mean {sum(d) / len(d):.4f}  {rec['epoch_s']:.1f}s (calib {rec['calib_s']:.1f}s)"
+    d = rec["delta_next"]
+    s += f"  delta_next mean {sum(d) / len(d):.4f}  {rec['epoch_s']:.1f}s (calib {rec['calib_s']:.1f}s)"
     return s
 
 

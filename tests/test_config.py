@@ -14,7 +14,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults():
     cfg = load_config()
-    assert cfg.data.name == "digits" and cfg.data.augment.crop_pad == 4
+    assert cfg.data.name == "digits" and cfg.data.augment.crop_pad is None  # resolved per dataset
+    assert cfg.model.grad == "nq" and cfg.noise.calib_augment is False
     assert cfg.model.arch == "cnn_small" and cfg.noise.mode == "layerwise"
     assert cfg.eval.T == [1, 2, 4, 8, 16, 32, 64]
     assert cfg.train.weight_decay == 5.0e-4
@@ -43,7 +44,8 @@ MALFORMED = [
     ("noise: {mode: layer}", [],
      "config error: noise.mode = 'layer' (expected one of: qcfs, fixed, layerwise)"),
     ("noise: {foo: 1}", [],
-     "config error: unknown key noise.foo (accepted: mode, delta, tau, residual, calib_samples, scale)"),
+     "config error: unknown key noise.foo (accepted: mode, delta, tau, residual, calib_samples, calib_augment, "
+     "scale)"),
     ("nosie: {mode: qcfs}", [],
      "config error: unknown key nosie (accepted: data, model, noise, train, eval)"),
     ("data: {augment: {flipp: true}}", [],
@@ -58,7 +60,7 @@ MALFORMED = [
     ("noise: {calib_samples: 0}", [],
      "config error: noise.calib_samples = 0 (expected an integer >= 1 or null)"),
     ("data: {augment: {flip: maybe}}", [],
-     "config error: data.augment.flip = 'maybe' (expected true or false)"),
+     "config error: data.augment.flip = 'maybe' (expected true or false, or null)"),
     ("eval: {T: [1, 0, 4]}", [], "config error: eval.T[1] = 0 (expected an integer >= 1)"),
     ("eval: {T: []}", [], "config error: eval.T = [] (expected a non-empty list of integers >= 1)"),
     ("model: {arch: resnet99}", [],
@@ -114,7 +116,7 @@ def test_T_sorted_and_deduplicated(tmp_path):
 
 def test_overrides_parse_types(tmp_path):
     cfg = load_config(write(tmp_path, "train: {epochs: 7}"),
-                      ["eval.T=[1,2]", "data.augment.flip=false", "train.lr=0.05", "noise.calib_samples=null"])
+                      ["eval.T=[1,2]", "eval.select_T=2", "data.augment.flip=false", "train.lr=0.05", "noise.calib_samples=null"])
     assert cfg.eval.T == [1, 2]
     assert cfg.data.augment.flip is False
     assert cfg.train.lr == 0.05 and cfg.lr == 0.05
@@ -137,15 +139,15 @@ def test_empty_section_means_defaults(tmp_path):
 def test_flat_keys():
     flat = load_config(overrides=["eval.T=[4,1,2]"]).flat()
     assert flat["eval.T"] == "1,2,4"
-    assert flat["data.augment.flip"] is True
+    assert flat["data.augment.flip"] is None  # a dataset default until Config.resolved
     assert flat["data.synthetic.num_train"] == 2000
     assert flat["noise.mode"] == "layerwise"
     assert all(not isinstance(v, (dict, list)) for v in flat.values())
-    assert len(flat) == 40
+    assert len(flat) == 42
 
 
 def test_dict_round_trip():
-    cfg = load_config(overrides=["noise.mode=qcfs", "eval.T=[2,8]"])
+    cfg = load_config(overrides=["noise.mode=qcfs", "eval.T=[2,8]", "eval.select_T=2"])
     d = cfg.to_dict()
     assert d["eval"]["T"] == [2, 8]
     assert Config.from_dict(d) == cfg
@@ -168,3 +170,42 @@ def test_format_validation_error_reusable():
     with pytest.raises(ValidationError) as info:
         Space.model_validate({"sample": 2})
     assert format_validation_error(info.value, model=Space) == "unknown key sample (accepted: samples)"
+
+
+# ---------------------------------------------------------------- dataset-aware defaults
+
+@pytest.mark.parametrize("name, arch, size, expected", [
+    ("digits", "cnn_small", 8, dict(crop_pad=1, flip=False, autoaugment=False, cutout=0, lam_init=2.0)),
+    ("synthetic", "cnn_small", 32, dict(crop_pad=4, flip=False, autoaugment=False, cutout=0, lam_init=2.0)),
+    ("cifar10", "resnet20", 32, dict(crop_pad=4, flip=True, autoaugment=True, cutout=16, lam_init=8.0)),
+    ("cifar100", "vgg16", 32, dict(crop_pad=4, flip=True, autoaugment=True, cutout=16, lam_init=8.0)),
+    ("imagefolder", "resnet18", 64, dict(crop_pad=8, flip=True, autoaugment=False, cutout=0, lam_init=8.0)),
+])
+def test_resolved_defaults_depend_on_dataset_and_arch(name, arch, size, expected):
+    extra = ["data.root=/x"] if name == "imagefolder" else []
+    cfg = load_config(overrides=[f"data.name={name}", f"model.arch={arch}", *extra])
+    assert set(cfg.auto_keys()) == {"data.augment.crop_pad", "data.augment.flip", "data.augment.autoaugment",
+                                    "data.augment.cutout", "model.lam_init"}
+    r = cfg.resolved(size)
+    got = {**r.data.augment.model_dump(), "lam_init": r.model.lam_init}
+    assert got == expected
+    assert r.auto_keys() == [] and r.resolved(size) == r
+
+
+def test_explicit_values_survive_resolution():
+    cfg = load_config(overrides=["data.augment.flip=true", "model.lam_init=3.0", "data.augment.crop_pad=0"])
+    r = cfg.resolved(8)
+    assert r.data.augment.flip is True and r.model.lam_init == 3.0 and r.data.augment.crop_pad == 0
+    assert r.data.augment.cutout == 0  # still resolved
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=.inf", "config error: train.lr = inf"),
+    ("noise.delta=.nan", "config error: noise.delta = nan"),
+    ("model.grad=autograd", "config error: model.grad = 'autograd' (expected one of: nq, qcfs_iclr)"),
+    ("eval.select_T=5", "config error: eval.select_T = 5 (expected one of eval.T"),
+])
+def test_more_bad_values(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    assert str(info.value).startswith(message), str(info.value)

@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.config import AugmentCfg, DataCfg
+from harness.config import AugmentCfg, DataCfg, load_config
 from harness.data import (
-    DataError, Loader, autoaugment, crop_at, crop_offsets, cutout, cutout_at, cutout_centres,
-    decode_images, flip_mask, load_dataset, random_crop, random_flip, split_indices,
+    CalibrationSet, DataError, Loader, autoaugment, crop_at, crop_offsets, cutout, cutout_at, cutout_centres,
+    decode_images, flip_mask, load_dataset, random_crop, random_flip, split_indices, stratified_allocation,
+    stratified_sample,
 )
 
 ARCHIVE = (Path(__file__).parents[1] / "../shared/data/cifar10-jpeg.tar.gz").resolve()
@@ -47,12 +48,79 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
 
 
 def test_split_indices_disjoint_and_deterministic():
-    train, val = split_indices(1000, 0.1, seed=3)
+    y = torch.arange(1000) % 10
+    train, val = split_indices(y, 0.1, seed=3)
     assert len(val) == 100 and len(train) == 900
     assert torch.equal(torch.cat([train, val]).sort().values, torch.arange(1000))
-    again = split_indices(1000, 0.1, seed=3)
+    again = split_indices(y, 0.1, seed=3)
     assert torch.equal(again[0], train) and torch.equal(again[1], val)
-    assert not torch.equal(split_indices(1000, 0.1, seed=4)[1], val)
+    assert not torch.equal(split_indices(y, 0.1, seed=4)[1], val)
+
+
+def within_one_of_share(counts, population_counts, n):
+    total = sum(population_counts)
+    return all(abs(c - n * p / total) < 1 for c, p in zip(counts, population_counts))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stratified_sample_of_a_class_sorted_list_covers_every_class(seed):
+    # the trap: the first N of a class-sorted list hold only the first classes
+    sizes = [529, 505, 497, 469, 512, 488, 530, 470, 500, 500]
+    y = torch.arange(10).repeat_interleave(torch.tensor(sizes))
+    idx = stratified_sample(y, 2000, torch.Generator().manual_seed(seed))
+    assert len(idx) == len(set(idx.tolist())) == 2000
+    counts = torch.bincount(y[idx], minlength=10).tolist()
+    assert within_one_of_share(counts, sizes, 2000), counts
+    assert torch.bincount(y[:2000], minlength=10)[4:].sum() == 0  # what "the first 2000" gave
+    assert not torch.equal(y[idx], y[idx].sort().values)  # random order, not class-sorted
+    assert not torch.equal(idx, stratified_sample(y, 2000, torch.Generator().manual_seed(seed + 1)))
+
+
+def test_stratified_allocation_sums_and_shares():
+    gen = torch.Generator().manual_seed(0)
+    for counts, n in [([10, 10, 10], 7), ([1] * 6, 3), ([100, 1, 1], 50), ([5, 3], 8), ([4, 4], 0)]:
+        take = stratified_allocation(counts, n, gen)
+        assert sum(take) == n and all(0 <= t <= c for t, c in zip(take, counts))
+        assert within_one_of_share(take, counts, n)
+    with pytest.raises(ValueError):
+        stratified_allocation([3, 3], 7, gen)
+
+
+def test_val_split_is_stratified(tmp_path):
+    ds = load_dataset(DataCfg(name="digits"), seed=2, cache_dir=tmp_path)
+    full = torch.bincount(torch.cat([ds.train_y, ds.val_y]), minlength=10).tolist()
+    assert within_one_of_share(torch.bincount(ds.val_y, minlength=10).tolist(), full, len(ds.val_y))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_calibration_subset_is_stratified_on_digits(tmp_path, seed):
+    cfg = load_config(overrides=["noise.calib_samples=100", f"train.seed={seed}"])
+    ds = load_dataset(cfg.data, seed, cache_dir=tmp_path)
+    cal = CalibrationSet.from_dataset(ds, cfg.resolved(ds.image_size))
+    val_counts = torch.bincount(ds.val_y, minlength=10).tolist()
+    assert len(cal) == 100 and within_one_of_share(cal.class_counts(), val_counts, 100)
+    assert cal.describe() == {"split": "val", "n_images": 100, "class_counts": cal.class_counts(),
+                              "sampling": "class-stratified random subset of the validation split",
+                              "augmented": False}
+    # the images are validation images, at the recorded positions, never a test image
+    assert torch.equal(cal.x, ds.val_x[cal.indices]) and torch.equal(cal.y, ds.val_y[cal.indices])
+    again = CalibrationSet.from_dataset(ds, cfg.resolved(ds.image_size))
+    assert torch.equal(again.indices, cal.indices)
+    whole = CalibrationSet.from_dataset(ds, load_config(overrides=[f"train.seed={seed}"]).resolved(8))
+    assert len(whole) == len(ds.val_y) and not whole.subset
+
+
+def test_calibration_batches_augmented_per_epoch_only_when_asked(tmp_path):
+    base = ["noise.calib_samples=64"]
+    ds = load_dataset(DataCfg(name="digits"), 0, cache_dir=tmp_path)
+    plain = CalibrationSet.from_dataset(ds, load_config(overrides=base).resolved(8))
+    aug = CalibrationSet.from_dataset(ds, load_config(overrides=base + ["noise.calib_augment=true"]).resolved(8))
+    p1, p2 = (torch.cat(list(plain.batches(20, e))) for e in (1, 2))
+    a1, a1b, a2 = (torch.cat(list(aug.batches(20, e))) for e in (1, 1, 2))
+    final = torch.cat(list(aug.batches(20, None)))
+    assert torch.equal(p1, p2) and torch.equal(final, p1)  # not augmented; final never is
+    assert torch.equal(a1, a1b) and not torch.equal(a1, a2) and not torch.equal(a1, p1)
+    assert aug.describe()["augmented"] and not plain.describe()["augmented"]
 
 
 def test_val_split_depends_on_seed_only_test_fixed(tmp_path):
@@ -173,6 +241,11 @@ def test_cifar10_jpeg_archive(tmp_path):
     # `cifar10` pointed at the archive reads the same cached tensors
     same = load_dataset(DataCfg(name="cifar10", root=str(ARCHIVE)), seed=0, cache_dir=tmp_path)
     assert torch.equal(same.test_x, ds.test_x)
+    # the archive is class-sorted: the calibration subset must still cover every class
+    assert torch.bincount(ds.val_y).tolist() == [500] * 10  # the val split is stratified
+    cfg = load_config(overrides=[f"data.root={ARCHIVE}", "data.name=imagefolder", "noise.calib_samples=2000"])
+    cal = CalibrationSet.from_dataset(ds, cfg.resolved(32))
+    assert cal.class_counts() == [200] * 10
 
 
 # ---------------------------------------------------------------- augmentation
@@ -243,7 +316,7 @@ def test_autoaugment_is_deterministic_and_leaves_global_rng_alone():
 # ---------------------------------------------------------------- loader
 
 def make_loader(x, y, **kw):
-    kw = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "augment": AugmentCfg(cutout=3),
+    kw = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "augment": AugmentCfg(crop_pad=4, flip=True, cutout=3, autoaugment=False),
           "shuffle": True, "seed": 7, **kw}
     return Loader(x, y, 10, **kw)
 

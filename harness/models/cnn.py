@@ -1,6 +1,8 @@
 """A small CNN for 8x8 one-channel digits and for fast tests (any input size)."""
 from __future__ import annotations
 
+from functools import partial
+
 from torch import nn
 
 from ..neurons import NQ
@@ -8,17 +10,17 @@ from ._registry import register
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, num_classes=10, L=4, lam_init=8.0, in_chans=1, width=32):
+    def __init__(self, num_classes=10, in_chans=1, width=32, act_layer=partial(NQ, 4, 2.0)):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv2d(in_chans, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), NQ(L, lam_init),
-            nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), NQ(L, lam_init),
+            nn.Conv2d(in_chans, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), act_layer(),
+            nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), act_layer(),
             nn.AvgPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), NQ(L, lam_init),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), act_layer(),
             nn.AdaptiveAvgPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8 * w, 128), NQ(L, lam_init),
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8 * w, 128), act_layer(),
                                         nn.Linear(128, num_classes))
 
     def forward(self, x):
@@ -26,5 +28,5 @@ class SmallCNN(nn.Module):
 
 
 @register("cnn_small")
-def cnn_small(num_classes=10, L=4, lam_init=8.0, in_chans=1, width=32):
-    return SmallCNN(num_classes, L, lam_init, in_chans, width)
+def cnn_small(num_classes=10, in_chans=1, width=32, act_layer=partial(NQ, 4, 2.0)):
+    return SmallCNN(num_classes, in_chans, width, act_layer)

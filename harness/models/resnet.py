@@ -4,6 +4,8 @@ basic blocks with the activation after the residual add, shortcut identity or
 channels, 19 activations."""
 from __future__ import annotations
 
+from functools import partial
+
 from torch import nn
 
 from ..neurons import NQ
@@ -11,17 +13,17 @@ from ._registry import register
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride, L, lam_init):
+    def __init__(self, cin, cout, stride, act_layer):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.act1 = NQ(L, lam_init)
+        self.act1 = act_layer()
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        self.act2 = NQ(L, lam_init)
+        self.act2 = act_layer()
 
     def forward(self, x):
         out = self.act1(self.bn1(self.conv1(x)))
@@ -29,15 +31,15 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, widths, blocks, num_classes=10, L=4, lam_init=8.0, in_chans=3):
+    def __init__(self, widths, blocks, num_classes=10, in_chans=3, act_layer=partial(NQ, 4, 8.0)):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), NQ(L, lam_init))
+                                  nn.BatchNorm2d(widths[0]), act_layer())
         stages, c = [], widths[0]
         for i, (w, n) in enumerate(zip(widths, blocks)):
             layers = []
             for j in range(n):
-                layers.append(BasicBlock(c, w, 2 if (i > 0 and j == 0) else 1, L, lam_init))
+                layers.append(BasicBlock(c, w, 2 if (i > 0 and j == 0) else 1, act_layer))
                 c = w
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
@@ -56,10 +58,10 @@ class CifarResNet(nn.Module):
 
 
 @register("resnet18")
-def resnet18(num_classes=10, L=4, lam_init=8.0, in_chans=3):
-    return CifarResNet([64, 128, 256, 512], [2, 2, 2, 2], num_classes, L, lam_init, in_chans)
+def resnet18(num_classes=10, in_chans=3, act_layer=partial(NQ, 4, 8.0)):
+    return CifarResNet([64, 128, 256, 512], [2, 2, 2, 2], num_classes, in_chans, act_layer)
 
 
 @register("resnet20")
-def resnet20(num_classes=10, L=4, lam_init=8.0, in_chans=3):
-    return CifarResNet([16, 32, 64], [3, 3, 3], num_classes, L, lam_init, in_chans)
+def resnet20(num_classes=10, in_chans=3, act_layer=partial(NQ, 4, 8.0)):
+    return CifarResNet([16, 32, 64], [3, 3, 3], num_classes, in_chans, act_layer)

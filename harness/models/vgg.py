@@ -2,6 +2,8 @@
 instead of MaxPool, classifier 512 -> 4096 -> 4096 -> classes (about 34M parameters)."""
 from __future__ import annotations
 
+from functools import partial
+
 from torch import nn
 
 from ..neurons import NQ
@@ -11,9 +13,9 @@ _CFG16 = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512
 
 
 class VGG(nn.Module):
-    def __init__(self, cfg, num_classes=10, L=4, lam_init=8.0, in_chans=3, dropout=0.0):
+    def __init__(self, cfg, num_classes=10, in_chans=3, dropout=0.0, act_layer=partial(NQ, 4, 8.0)):
         super().__init__()
-        act = lambda: NQ(L, lam_init)  # noqa: E731
+        act = act_layer
         drop = (lambda: [nn.Dropout(dropout)]) if dropout > 0 else (lambda: [])
         stages, c = [], in_chans
         for widths in cfg:
@@ -45,5 +47,5 @@ class VGG(nn.Module):
 
 
 @register("vgg16")
-def vgg16(num_classes=10, L=4, lam_init=8.0, in_chans=3, dropout=0.0):
-    return VGG(_CFG16, num_classes, L, lam_init, in_chans, dropout)
+def vgg16(num_classes=10, in_chans=3, dropout=0.0, act_layer=partial(NQ, 4, 8.0)):
+    return VGG(_CFG16, num_classes, in_chans, dropout, act_layer)
