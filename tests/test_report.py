@@ -32,34 +32,65 @@ FINAL = {
 }
 METHOD = {"qcfs": "QCFS", "layerwise": "NQ", "fixed": "NQ-fixed"}
 N_EPOCHS, N_LAYERS = 3, 3
+LAYERS = ["conv1.act", "stages.0.0.act1", "stages.0.0.act2"]
+
+
+def _params(arch, mode, seed, delta="0.0", **extra):
+    """The child-run params the trial writer logs (Config.flat() + calib.*)."""
+    counts = ",".join(str(51 + (seed + c) % 3) for c in range(10))   # drawn per seed
+    return {"data.name": "cifar10", "data.root": "/data/cifar10", "data.eval_batch_size": "512",
+            "model.arch": arch, "model.L": "4", "model.lam_init": "8.0", "model.grad": "nq",
+            "noise.mode": mode, "noise.delta": delta, "noise.tau": "4",
+            "noise.residual": "end_to_end", "noise.scale": "1.0", "noise.calib_augment": "true",
+            "calib.n_images": "512", "calib.class_counts": counts,
+            "train.epochs": str(N_EPOCHS), "train.lr": "0.1", "train.seed": str(seed),
+            "train.threads": str(1 + seed % 2), "eval.T": ",".join(map(str, TS)),
+            "eval.select_T": "4", "eval.select_on": "val", **extra}
+
+
+def _metrics(mode, final, delta="0.0", ann_noisy=None, select_on="val"):
+    """Per-epoch (step = epoch) and final (step 0) metrics under the writer's names."""
+    ann, *snn = final
+    metrics = []
+    for ep in range(1, N_EPOCHS + 1):
+        calib = 2.0 if mode == "layerwise" else 0.0
+        vals = {"train/loss": 2.0 / ep, "train/acc": 50.0 + ep, "train/lr": 0.1 / ep,
+                "ann/val_acc": ann - 3 + ep, "ann/test_acc": ann - 3 + ep,
+                "time/train_s": 9.0, "time/calib_s": calib, "time/eval_s": 1.0,
+                "time/epoch_s": 10.0 + calib}
+        for t, v in zip(TS, snn):
+            if t <= 4:
+                vals[f"snn/{select_on}_acc_T{t:02d}"] = v - 3 + ep
+        if ann_noisy is not None:
+            vals["ann/noisy_test_acc"] = ann_noisy - 3 + ep
+        for layer, name in enumerate(LAYERS):
+            d = 0.0 if mode == "qcfs" else float(delta) if mode == "fixed" else (
+                0.0 if ep == 1 else 0.1 * (layer + 1) / ep)
+            vals[f"delta/l{layer:02d}_{name}"] = d
+            vals[f"delta_next/l{layer:02d}_{name}"] = d * 1.1
+            vals[f"residual/std/l{layer:02d}_{name}"] = 0.3 + 0.05 * layer
+            vals[f"residual/mean/l{layer:02d}_{name}"] = 0.01
+        metrics += [Metric(k, float(v), 1000 + ep, ep) for k, v in vals.items()]
+    metrics += [Metric(f"final/snn_test_acc_T{t:02d}", v, 2000, 0) for t, v in zip(TS, snn)]
+    metrics += [Metric("final/snn_test_acc_by_T", v, 2000, t) for t, v in zip(TS, snn)]
+    metrics += [Metric("final/ann_test_acc", ann, 2000, 0),
+                Metric("final/ann_val_acc", ann - 0.5, 2000, 0),
+                Metric("final/best_epoch", 3.0, 2000, 0)]
+    if ann_noisy is not None:
+        metrics.append(Metric("final/ann_noisy_test_acc", ann_noisy, 2000, 0))
+    return metrics
 
 
 def _log_trial(client, exp_id, parent_id, *, arch, mode, seed, final, delta="0.0",
-               status="FINISHED", hist_artifact=True, tmp_path=None):
-    name = f"{arch}_{mode}_d{delta}_s{seed}"
+               status="FINISHED", hist_artifact=True, tmp_path=None, params=None,
+               ann_noisy=None, name=None):
+    name = name or f"{arch}_{mode}_d{delta}_s{seed}"
     run = client.create_run(exp_id, run_name=name, tags={
         "mlflow.parentRunId": parent_id, "harness.role": "trial", "harness.trial": name,
         "harness.method": METHOD[mode]})
     rid = run.info.run_id
-    params = {"data.name": "cifar10", "data.root": "/data/cifar10", "model.arch": arch,
-              "model.L": "4", "model.lam_init": "8.0", "noise.mode": mode, "noise.delta": delta,
-              "noise.tau": "4", "noise.residual": "end_to_end", "noise.scale": "1.0",
-              "train.epochs": str(N_EPOCHS), "train.lr": "0.1", "train.seed": str(seed),
-              "eval.select_T": "4", "eval.select_on": "val"}
-    ann, *snn = final
-    metrics = []
-    for ep in range(1, N_EPOCHS + 1):
-        vals = {"train_loss": 2.0 / ep, "lr": 0.1 / ep, "ann_val_acc": ann - 3 + ep,
-                "ann_test_acc": ann - 3 + ep, "snn_val_acc_T4": snn[2] - 3 + ep,
-                "epoch_s": 10.0 + (2.0 if mode == "layerwise" else 0.0),
-                "calib_s": 2.0 if mode == "layerwise" else 0.0}
-        for layer in range(N_LAYERS):
-            d = 0.0 if mode == "qcfs" else float(delta) if mode == "fixed" else (
-                0.0 if ep == 1 else 0.1 * (layer + 1) / ep)
-            vals[f"delta_l{layer:02d}"] = d
-        metrics += [Metric(k, float(v), 1000 + ep, ep) for k, v in vals.items()]
-    metrics += [Metric(f"snn_test_acc_T{t}", v, 2000, 0) for t, v in zip(TS, snn)]
-    metrics += [Metric("best_ann_test_acc", ann, 2000, 0), Metric("best_epoch", 3.0, 2000, 0)]
+    params = {**_params(arch, mode, seed, delta), **(params or {})}
+    metrics = _metrics(mode, final, delta, ann_noisy, params["eval.select_on"])
     client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
                      tags=[RunTag("mlflow.runName", name)])
     if hist_artifact:
