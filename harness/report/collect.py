@@ -318,8 +318,10 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
         out[name] = vals
     out["select_on"] = [_norm_value(v) for v in _col(raw, "params.eval.select_on").astype(object)]
     out["select_T"] = [_norm_value(v) for v in _col(raw, "params.eval.select_T").astype(object)]
-    out["class_counts"] = [_norm_value(v) for v in
-                           _col(raw, "params.calib.class_counts").astype(object)]
+    rel = relevant_methods("calib.class_counts")
+    out["class_counts"] = [_norm_value(v) if rel is None or m in rel else NA for v, m in
+                           zip(_col(raw, "params.calib.class_counts").astype(object),
+                               out["method"])]
     for name, key in FINAL_METRICS.items():
         out[name] = pd.to_numeric(_col(raw, f"metrics.{key}"), errors="coerce")
     ts = sorted({int(m.group(1)): c for c in raw.columns
@@ -450,6 +452,11 @@ def collect(experiment: str, tracking_uri: str, *, histories: bool = True,
             f"{len(parents_tbl)}: {', '.join(parents_tbl['run_id'])})")
         raise ReportError(f"experiment '{experiment}' has no finished trial runs{where}")
     runs = tidy_runs(finished)
+    value_cols = ["ann"] + [c for c in runs.columns if T_COLUMNS_RE.match(str(c))]
+    if runs[value_cols].isna().all().all():
+        raise ReportError(f"the finished trial runs of experiment '{experiment}' have no "
+                          "final/ metrics (final/ann_test_acc, final/snn_test_acc_TNN): "
+                          "written by an older harness?")
     col = Collected(experiment=experiment, tracking_uri=tracking_uri, runs=runs,
                     parents=parents, n_child_total=len(child), trials=tidy_runs(child),
                     parent_id=pid, parent_ids=list(parents_tbl["run_id"]),

@@ -144,19 +144,25 @@ def training_curves(hist: pd.DataFrame, best_epoch: float | None, title: str,
 _DELTA_RE = re.compile(r"^delta/l(\d+)_(.+)$")
 
 
+def delta_matrix(hist: pd.DataFrame) -> tuple[list[str], list[str], np.ndarray]:
+    """(layer names, metric keys, layers x epochs) of δ_trained (``delta/lNN_<layer>``,
+    ordered by the layer index; ``delta_next/*`` is not used)."""
+    found = sorted((int(m.group(1)), m.group(2), c) for c in hist.columns
+                   if (m := _DELTA_RE.match(str(c))))
+    cols = [c for _, _, c in found]
+    mat = hist[cols].to_numpy(dtype=float).T if cols else np.zeros((0, len(hist)))
+    return [name for _, name, _ in found], cols, mat
+
+
 def delta_heatmap(hist: pd.DataFrame, title: str, path: Path) -> Path | None:
     """δ_trained over epochs: the δ each layer was TRAINED with during each epoch
     (metrics ``delta/lNN_<layer>``), layers on y (by name), epochs on x.
     None if δ is constant."""
     if hist is None or hist.empty:
         return None
-    found = sorted((int(m.group(1)), m.group(2), c) for c in hist.columns
-                   if (m := _DELTA_RE.match(str(c))))
-    if not found:
+    names, cols, mat = delta_matrix(hist)
+    if not cols:
         return None
-    cols = [c for _, _, c in found]
-    names = [name for _, name, _ in found]
-    mat = hist[cols].to_numpy(dtype=float).T        # layers x epochs
     finite = mat[np.isfinite(mat)]
     if finite.size == 0 or np.allclose(finite, finite[0]):
         return None
