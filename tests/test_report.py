@@ -624,6 +624,23 @@ def test_every_varying_setting_is_a_row_key():
     assert any("averaged per seed" in n for n in block.notes)
 
 
+def test_unpaired_seeds_are_named():
+    runs = _frame([
+        {"arch": "resnet20", "method": "QCFS", "seed": "0", "ann": 90.0, "T1": 50.0},
+        {"arch": "resnet20", "method": "QCFS", "seed": "1", "ann": 91.0, "T1": 51.0},
+        {"arch": "resnet20", "method": "NQ", "seed": "0", "ann": 89.0, "T1": 55.0},
+        {"arch": "resnet20", "method": "NQ", "seed": "1", "ann": 89.5, "T1": 57.0},
+        {"arch": "resnet20", "method": "NQ", "seed": "2", "ann": 88.0, "T1": 56.0},
+    ])
+    (block,) = tables.build_table1(runs, published=None)
+    (delta,) = [r for r in block.rows if r.kind == "delta"]
+    assert delta.cells["T=1"].n == 2 and delta.cells["T=1"].mean == pytest.approx(5.5)
+    assert [r.cells["T=1"].n for r in block.rows if r.kind == "measured"] == [2, 3]
+    assert block.notes == ["Δ ResNet-20: 2 seed pairs; unpaired seeds left out of the Δ: "
+                           "NQ 2; QCFS none."]
+    assert "Note: Δ ResNet-20: 2 seed pairs" in tables.render_table1_md([block])
+
+
 def test_lr_sweep_end_to_end(stats_store, tmp_path):
     uri, _, _ = stats_store
     out = tmp_path / "lr"

@@ -228,11 +228,24 @@ def _delta_rows(a_runs: pd.DataFrame, arch: str, settings_cols: list[str],
         settings = dict(zip(settings_cols, gkey))
         mine = _per_seed(grp, pair_on, vcols)
         common = mine.index.intersection(base_seed.index)
+        where = ", ".join(f"{setting_label(k)}={v}" for k, v in settings.items())
+        label = f"{arch_label(arch)}{f' ({where})' if where else ''}"
         if len(common) == 0:
-            where = ", ".join(f"{setting_label(k)}={v}" for k, v in settings.items())
-            notes.append(f"No Δ row for {arch_label(arch)} NQ{f' ({where})' if where else ''}: "
-                         "no QCFS run has the same seed and shared settings.")
+            notes.append(f"No Δ row for {label}: no QCFS run has the same seed and shared "
+                         "settings as the NQ runs.")
             continue
+        partners = base_seed
+        if pair_on:   # the QCFS runs that share this NQ group's settings
+            key = tuple(settings[s] for s in pair_on)
+            partners = base_seed[[tuple(i[1:]) == key for i in base_seed.index]]
+        if len(common) < max(len(mine), len(partners)):
+            lone_nq = sorted({_seed_of(i) for i in mine.index.difference(common)},
+                             key=setting_sort_key)
+            lone_q = sorted({_seed_of(i) for i in partners.index.difference(common)},
+                            key=setting_sort_key)
+            notes.append(f"Δ {label}: {len(common)} seed pairs; unpaired seeds left out of "
+                         f"the Δ: NQ {', '.join(lone_nq) or 'none'}; QCFS "
+                         f"{', '.join(lone_q) or 'none'}.")
         a, b = mine.loc[common], base_seed.loc[common]
         cells = {disp: paired_stats(a[col].to_numpy(dtype=float), b[col].to_numpy(dtype=float))
                  for disp, col in vmap.items()}
@@ -240,11 +253,15 @@ def _delta_rows(a_runs: pd.DataFrame, arch: str, settings_cols: list[str],
         cells = {k: (None if c is None else _with(c, p_holm=q))
                  for (k, c), q in zip(cells.items(), adj)}
         diff = (a - b).rename(columns={col: disp for disp, col in vmap.items()})
-        diff.index = [i[0] if isinstance(i, tuple) else i for i in diff.index]
+        diff.index = [_seed_of(i) for i in diff.index]
         diff.index.name = "seed"
         rows.append(Row(arch=arch, method=DELTA_LABEL, kind="delta", settings=settings,
                         cells=cells, published_delta=pub_delta, per_seed=diff))
     return rows, notes
+
+
+def _seed_of(index_value) -> str:
+    return str(index_value[0] if isinstance(index_value, tuple) else index_value)
 
 
 def _with(p: Paired, **changes) -> Paired:
