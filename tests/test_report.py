@@ -32,34 +32,65 @@ FINAL = {
 }
 METHOD = {"qcfs": "QCFS", "layerwise": "NQ", "fixed": "NQ-fixed"}
 N_EPOCHS, N_LAYERS = 3, 3
+LAYERS = ["conv1.act", "stages.0.0.act1", "stages.0.0.act2"]
+
+
+def _params(arch, mode, seed, delta="0.0", **extra):
+    """The child-run params the trial writer logs (Config.flat() + calib.*)."""
+    counts = ",".join(str(51 + (seed + c) % 3) for c in range(10))   # drawn per seed
+    return {"data.name": "cifar10", "data.root": "/data/cifar10", "data.eval_batch_size": "512",
+            "model.arch": arch, "model.L": "4", "model.lam_init": "8.0", "model.grad": "nq",
+            "noise.mode": mode, "noise.delta": delta, "noise.tau": "4",
+            "noise.residual": "end_to_end", "noise.scale": "1.0", "noise.calib_augment": "true",
+            "calib.n_images": "512", "calib.class_counts": counts,
+            "train.epochs": str(N_EPOCHS), "train.lr": "0.1", "train.seed": str(seed),
+            "train.threads": str(1 + seed % 2), "eval.T": ",".join(map(str, TS)),
+            "eval.select_T": "4", "eval.select_on": "val", **extra}
+
+
+def _metrics(mode, final, delta="0.0", ann_noisy=None, select_on="val"):
+    """Per-epoch (step = epoch) and final (step 0) metrics under the writer's names."""
+    ann, *snn = final
+    metrics = []
+    for ep in range(1, N_EPOCHS + 1):
+        calib = 2.0 if mode == "layerwise" else 0.0
+        vals = {"train/loss": 2.0 / ep, "train/acc": 50.0 + ep, "train/lr": 0.1 / ep,
+                "ann/val_acc": ann - 3 + ep, "ann/test_acc": ann - 3 + ep,
+                "time/train_s": 9.0, "time/calib_s": calib, "time/eval_s": 1.0,
+                "time/epoch_s": 10.0 + calib}
+        for t, v in zip(TS, snn):
+            if t <= 4:
+                vals[f"snn/{select_on}_acc_T{t:02d}"] = v - 3 + ep
+        if ann_noisy is not None:
+            vals["ann/noisy_test_acc"] = ann_noisy - 3 + ep
+        for layer, name in enumerate(LAYERS):
+            d = 0.0 if mode == "qcfs" else float(delta) if mode == "fixed" else (
+                0.0 if ep == 1 else 0.1 * (layer + 1) / ep)
+            vals[f"delta/l{layer:02d}_{name}"] = d
+            vals[f"delta_next/l{layer:02d}_{name}"] = d * 1.1
+            vals[f"residual/std/l{layer:02d}_{name}"] = 0.3 + 0.05 * layer
+            vals[f"residual/mean/l{layer:02d}_{name}"] = 0.01
+        metrics += [Metric(k, float(v), 1000 + ep, ep) for k, v in vals.items()]
+    metrics += [Metric(f"final/snn_test_acc_T{t:02d}", v, 2000, 0) for t, v in zip(TS, snn)]
+    metrics += [Metric("final/snn_test_acc_by_T", v, 2000, t) for t, v in zip(TS, snn)]
+    metrics += [Metric("final/ann_test_acc", ann, 2000, 0),
+                Metric("final/ann_val_acc", ann - 0.5, 2000, 0),
+                Metric("final/best_epoch", 3.0, 2000, 0)]
+    if ann_noisy is not None:
+        metrics.append(Metric("final/ann_noisy_test_acc", ann_noisy, 2000, 0))
+    return metrics
 
 
 def _log_trial(client, exp_id, parent_id, *, arch, mode, seed, final, delta="0.0",
-               status="FINISHED", hist_artifact=True, tmp_path=None):
-    name = f"{arch}_{mode}_d{delta}_s{seed}"
+               status="FINISHED", hist_artifact=True, tmp_path=None, params=None,
+               ann_noisy=None, name=None):
+    name = name or f"{arch}_{mode}_d{delta}_s{seed}"
     run = client.create_run(exp_id, run_name=name, tags={
         "mlflow.parentRunId": parent_id, "harness.role": "trial", "harness.trial": name,
         "harness.method": METHOD[mode]})
     rid = run.info.run_id
-    params = {"data.name": "cifar10", "data.root": "/data/cifar10", "model.arch": arch,
-              "model.L": "4", "model.lam_init": "8.0", "noise.mode": mode, "noise.delta": delta,
-              "noise.tau": "4", "noise.residual": "end_to_end", "noise.scale": "1.0",
-              "train.epochs": str(N_EPOCHS), "train.lr": "0.1", "train.seed": str(seed),
-              "eval.select_T": "4", "eval.select_on": "val"}
-    ann, *snn = final
-    metrics = []
-    for ep in range(1, N_EPOCHS + 1):
-        vals = {"train_loss": 2.0 / ep, "lr": 0.1 / ep, "ann_val_acc": ann - 3 + ep,
-                "ann_test_acc": ann - 3 + ep, "snn_val_acc_T4": snn[2] - 3 + ep,
-                "epoch_s": 10.0 + (2.0 if mode == "layerwise" else 0.0),
-                "calib_s": 2.0 if mode == "layerwise" else 0.0}
-        for layer in range(N_LAYERS):
-            d = 0.0 if mode == "qcfs" else float(delta) if mode == "fixed" else (
-                0.0 if ep == 1 else 0.1 * (layer + 1) / ep)
-            vals[f"delta_l{layer:02d}"] = d
-        metrics += [Metric(k, float(v), 1000 + ep, ep) for k, v in vals.items()]
-    metrics += [Metric(f"snn_test_acc_T{t}", v, 2000, 0) for t, v in zip(TS, snn)]
-    metrics += [Metric("best_ann_test_acc", ann, 2000, 0), Metric("best_epoch", 3.0, 2000, 0)]
+    params = {**_params(arch, mode, seed, delta), **(params or {})}
+    metrics = _metrics(mode, final, delta, ann_noisy, params["eval.select_on"])
     client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
                      tags=[RunTag("mlflow.runName", name)])
     if hist_artifact:
@@ -201,7 +232,8 @@ def test_table1_tex_is_a_booktabs_table(report):
     tabs = _tabulars(tex)
     assert len(tabs) == 1                       # one dataset
     n = _check_tabular(tabs[0])
-    assert n == 1 + 2 * 3 + 2 * 2               # header + (2 measured + Δ) x 2 archs + published
+    # header + (2 measured + Δ + its "p (paired t)" row) x 2 archs + 2 published x 2 archs
+    assert n == 1 + 2 * 4 + 2 * 2
     assert r"\textbf{90.50 $\pm$ 0.71}" in tex
     assert "±" not in tex and "Δ" not in tex and "−" not in tex
     assert r"$\Delta$ NQ $-$ QCFS" in tex
@@ -333,7 +365,388 @@ def test_table1_on_frame_varying_L_and_single_seed():
         ("ResNet-20", "NQ", "4", "89.00", "**55.00**"),
         ("ResNet-20", "NQ", "8", "90.00", "40.00"),
         ("ResNet-20", "Δ NQ − QCFS", "4", "-1.00", "+5.00"),   # paired within the same L
+        ("", "↳ p (paired t)", "", "n too small", "n too small"),
         ("ResNet-20", "Δ NQ − QCFS", "8", "-1.00", "+10.00"),
+        ("", "↳ p (paired t)", "", "n too small", "n too small"),
     ]
     tex = tables.render_table1_tex(blocks)
-    assert _check_tabular(_tabulars(tex)[0]) == 7
+    assert _check_tabular(_tabulars(tex)[0]) == 9     # header + 6 rows + 2 "p" rows
+
+
+# ============================================================ paired statistics, grouping,
+# parent runs, protocol labels (second store: the first one's experiment list is asserted)
+STATS = "toy_stats"
+LR = "toy_lr"
+OLD_NAMES = "toy_old_metric_names"
+SEEDS5 = range(5)
+# per-seed QCFS values and the NQ − QCFS differences designed for each column
+_Q = {s: (90 + 0.1 * s, 50.0 + s, 60.0 + s, 80.0 + s, 89 + 0.2 * s) for s in SEEDS5}
+_D = {"ANN": [0.3 - 1, -0.2 - 1, 0.1 - 1, -0.4 - 1, 0.2 - 1],     # about -1: significant
+      "T=1": [5.5, 4.5, 5.2, 4.8, 5.0],                         # about +5: significant
+      "T=2": [1.0, -1.0, 0.5, -0.5, 0.2],                       # about 0: not significant
+      "T=4": [2.0, -1.0, 0.5, -1.5, 0.3],                       # about 0: not significant
+      "T=8": [0.1] * 5}                                          # no spread: not tested
+_COLS = list(_D)
+OVERCLAIM = re.compile(r"\b(better|match\w*|reproduc\w*)\b", re.I)
+
+
+def _nq(seed):
+    q = _Q[seed]
+    return tuple(v + _D[c][seed] for v, c in zip(q, _COLS))
+
+
+@pytest.fixture(scope="module")
+def stats_store(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("mlstore2")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    art = (tmp_path / "artifacts").as_uri()
+    exp_id = client.create_experiment(STATS, artifact_location=art + "/stats")
+    # an older sweep of the same name in the same database: never mixed in by default
+    old = client.create_run(exp_id, start_time=1_000_000, tags={"harness.role": "parent"})
+    old_id = old.info.run_id
+    for mode in ("qcfs", "layerwise"):
+        _log_trial(client, exp_id, old_id, arch="resnet20", mode=mode, seed=0,
+                   final=(11.11,) * 5, hist_artifact=False)
+    client.set_terminated(old_id)
+    new = client.create_run(exp_id, start_time=2_000_000, tags={"harness.role": "parent"})
+    new_id = new.info.run_id
+    proto = {"eval.select_on": "test", "model.grad": "qcfs_iclr",
+             "noise.calib_augment": "false"}
+    for s in SEEDS5:
+        _log_trial(client, exp_id, new_id, arch="resnet20", mode="qcfs", seed=s, final=_Q[s],
+                   hist_artifact=False, params=proto)
+        _log_trial(client, exp_id, new_id, arch="resnet20", mode="layerwise", seed=s,
+                   final=_nq(s), hist_artifact=False, params=proto, ann_noisy=80.0 + s)
+    _log_trial(client, exp_id, new_id, arch="resnet20", mode="layerwise", seed=5,
+               final=(99.9,) * 5, hist_artifact=False, params=proto, status="KILLED")
+    _log_trial(client, exp_id, new_id, arch="resnet20", mode="qcfs", seed=5,
+               final=(99.9,) * 5, hist_artifact=False, params=proto, status="RUNNING")
+    client.set_terminated(new_id, status="RUNNING")
+
+    lr_id = client.create_experiment(LR, artifact_location=art + "/lr")
+    pid = client.create_run(lr_id, tags={"harness.role": "parent"}).info.run_id
+    for lr, ann in (("0.1", 93.31), ("0.01", 56.27)):
+        for mode in ("qcfs", "layerwise"):
+            _log_trial(client, lr_id, pid, arch="resnet20", mode=mode, seed=0,
+                       final=(ann - (mode == "layerwise"),) + (50.0,) * 4, hist_artifact=False,
+                       params={"train.lr": lr}, name=f"{mode}_lr{lr}")
+    client.set_terminated(pid)
+
+    old_names = client.create_experiment(OLD_NAMES, artifact_location=art + "/old")
+    pid = client.create_run(old_names, tags={"harness.role": "parent"}).info.run_id
+    rid = client.create_run(old_names, tags={"mlflow.parentRunId": pid}).info.run_id
+    client.log_batch(rid, metrics=[Metric("best_ann_test_acc", 90.0, 1, 0),
+                                   Metric("snn_test_acc_T1", 50.0, 1, 0)],
+                     params=[Param(k, v) for k, v in _params("vgg16", "qcfs", 0).items()])
+    client.set_terminated(rid)
+    client.set_terminated(pid)
+    return uri, old_id, new_id
+
+
+@pytest.fixture(scope="module")
+def stats_report(stats_store, tmp_path_factory):
+    uri, _, _ = stats_store
+    out = tmp_path_factory.mktemp("report2") / "stats"
+    assert main(["--experiment", STATS, "--tracking-uri", uri, "--out", str(out),
+                 "--format", "md,tex"]) == 0
+    return out
+
+
+def _expected(col):
+    from scipy import stats as sst
+
+    nq = [_nq(s)[_COLS.index(col)] for s in SEEDS5]
+    q = [_Q[s][_COLS.index(col)] for s in SEEDS5]
+    return sst.ttest_rel(nq, q), nq, q
+
+
+def _table1_rows(md):
+    """Table 1 of a markdown file -> list of (arch, method, cells)."""
+    out = []
+    for line in _block(md, "CIFAR-10").splitlines():
+        if line.startswith("|") and not set(line) <= set("|-: "):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            out.append(cells)
+    return out[0], out[1:]
+
+
+def test_paired_statistics_in_table1(stats_report):
+    md = (stats_report / "table1.md").read_text()
+    header, rows = _table1_rows(md)
+    assert header == ["Arch", "Method", "ANN", "ANN (noise on)", "T=1", "T=2", "T=4", "T=8"]
+    by_label = {r[1]: dict(zip(header[2:], r[2:])) for r in rows}
+    delta, ci, boot = by_label["Δ NQ − QCFS"], by_label["↳ 95% CI (t)"], \
+        by_label["↳ 95% CI (bootstrap)"]
+    p, holm = by_label["↳ p (paired t)"], by_label["↳ p (Holm)"]
+    for col in ("ANN", "T=1", "T=2", "T=4"):
+        res, nq, q = _expected(col)
+        lo, hi = res.confidence_interval(0.95)
+        d = pd.Series(nq) - pd.Series(q)
+        sig = lo > 0 or hi < 0
+        assert delta[col] == f"{d.mean():+.2f} ± {d.std():.2f} (n=5)" + (" †" if sig else "")
+        assert ci[col] == f"[{lo:+.2f}, {hi:+.2f}]"
+        assert p[col] == ("< 0.001" if res.pvalue < 0.001 else f"{res.pvalue:.3f}")
+        assert re.fullmatch(r"\[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", boot[col])
+    assert delta["ANN"].endswith("†") and delta["T=1"].endswith("†")
+    assert not delta["T=2"].endswith("†") and not delta["T=4"].endswith("†")
+    assert p["T=8"] == "zero spread" and not delta["T=8"].endswith("†")
+    assert delta["ANN (noise on)"] == "—"                   # QCFS has no noisy ANN: no pairs
+    # Holm over the 4 tested columns of the row
+    from harness.report.stats import holm as holm_fn
+    raw = [_expected(c)[0].pvalue for c in ("ANN", "T=1", "T=2", "T=4")]
+    for c, q in zip(("ANN", "T=1", "T=2", "T=4"), holm_fn(raw)):
+        assert holm[c] == ("< 0.001" if q < 0.001 else f"{q:.3f}")
+    # the measured NQ row: noisy ANN column, n everywhere
+    assert by_label["NQ"]["ANN (noise on)"] == "82.00 ± 1.58 (n=5)"
+    assert by_label["QCFS"]["ANN (noise on)"] == "—"
+    assert "†" in md and "CI excludes 0" in md
+    # LaTeX: dagger and the statistics rows, still a well-formed booktabs table
+    tex = (stats_report / "table1.tex").read_text()
+    (tab,) = _tabulars(tex)
+    assert _check_tabular(tab) == 1 + 3 + 4 + 2      # header, 2 measured + Δ, 4 stats, 2 pub
+    assert r"$^\dagger$" in tab and r"\quad $p$ (paired $t$)" in tab and "↳" not in tex
+
+
+def test_newest_parent_by_default_and_status(stats_store, stats_report):
+    _, old_id, new_id = stats_store
+    index = (stats_report / "index.md").read_text()
+    assert "11.11" not in index and "99.9" not in index
+    assert f"parent run `{new_id}` (newest of 2" in index and f"`{old_id}`" in index
+    assert "5 FINISHED" not in index
+    assert "10 FINISHED, 0 FAILED, 1 KILLED, 1 RUNNING (12 in total)" in index
+    missing = index.split("## Trials not reported", 1)[1].split("## Table 1", 1)[0]
+    assert "`resnet20_layerwise_d0.0_s5`" in missing and "**KILLED**" in missing
+    assert "`resnet20_qcfs_d0.0_s5`" in missing and "**RUNNING**" in missing
+    assert "n = 5 of 6 planned" in missing
+    assert index.index("## Trials not reported") < index.index("## Table 1")
+
+
+def test_parent_flag(stats_store, tmp_path, capsys):
+    uri, old_id, new_id = stats_store
+    out = tmp_path / "old"
+    assert main(["--experiment", STATS, "--tracking-uri", uri, "--out", str(out),
+                 "--format", "md", "--parent", old_id]) == 0
+    index = (out / "index.md").read_text()
+    assert "11.11" in index and f"parent run `{old_id}` (selected with `--parent`" in index
+    assert "2 FINISHED, 0 FAILED, 0 KILLED, 0 RUNNING (2 in total)" in index
+    assert main(["--experiment", STATS, "--tracking-uri", uri, "--out", str(tmp_path / "x"),
+                 "--parent", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"report error: no parent run 'nope' in experiment '{STATS}' "
+                   f"(parent runs, newest first: {new_id}, {old_id})")
+    assert not (tmp_path / "x").exists()
+
+
+def test_old_metric_names_are_refused(stats_store, tmp_path, capsys):
+    uri, _, _ = stats_store
+    assert main(["--experiment", OLD_NAMES, "--tracking-uri", uri,
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no final/ metrics" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_parent_table_and_select_parent():
+    from harness.report.collect import ReportError, parent_table, select_parent
+
+    t = pd.Timestamp
+    raw = pd.DataFrame([
+        {"run_id": "P1", "start_time": t("2025-01-01", tz="UTC"), "tags.harness.role": "parent"},
+        {"run_id": "P2", "start_time": t("2025-02-01", tz="UTC"), "tags.harness.role": "parent"},
+        {"run_id": "c1", "start_time": t("2025-01-02", tz="UTC"), "tags.harness.role": "trial",
+         "tags.mlflow.parentRunId": "P1"},
+        {"run_id": "c2", "start_time": t("2025-02-02", tz="UTC"), "tags.harness.role": "trial",
+         "tags.mlflow.parentRunId": "P2"},
+        {"run_id": "c3", "start_time": t("2025-02-03", tz="UTC"), "tags.harness.role": "trial",
+         "tags.mlflow.parentRunId": "P2"},
+        # a child whose parent run is not in the experiment: dated by its first child
+        {"run_id": "c4", "start_time": t("2024-12-01", tz="UTC"), "tags.harness.role": "trial",
+         "tags.mlflow.parentRunId": "P0"},
+    ])
+    par = parent_table(raw)
+    assert list(par["run_id"]) == ["P2", "P1", "P0"]
+    assert list(par["n_trials"]) == [2, 1, 1]
+    assert select_parent(par, None, "e") == "P2"
+    assert select_parent(par, "P1", "e") == "P1"
+    with pytest.raises(ReportError, match=r"^no parent run 'X' in experiment 'e' "
+                                          r"\(parent runs, newest first: P2, P1, P0\)$"):
+        select_parent(par, "X", "e")
+
+
+def _raw_runs(records):
+    base = {"status": "FINISHED", "tags.mlflow.parentRunId": "P", "params.data.name": "cifar10",
+            "params.data.root": "/data", "params.model.arch": "resnet20", "params.model.L": "4",
+            "params.train.threads": "2", "params.noise.tau": "4", "params.train.lr": "0.1"}
+    out = []
+    for i, r in enumerate(records):
+        rec = {**base, "run_id": f"r{i}", **r}
+        rec["params.train.threads"] = str(i)                # varies, but never a row key
+        rec["params.calib.class_counts"] = f"{i},5,5"       # drawn per seed: never a row key
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def test_every_varying_setting_is_a_row_key():
+    from harness.report.collect import tidy_runs
+
+    def run(mode, lr, ann, seed="0", tau="4"):
+        return {"params.noise.mode": mode, "params.train.lr": lr, "params.train.seed": seed,
+                "params.noise.tau": tau, "metrics.final/ann_test_acc": ann,
+                "metrics.final/snn_test_acc_T01": ann - 40}
+
+    runs = tidy_runs(_raw_runs([run("qcfs", "0.1", 93.31), run("qcfs", "0.01", 56.27),
+                                run("layerwise", "0.1", 92.0), run("layerwise", "0.01", 55.0)]))
+    assert tables.varying_settings(runs) == ["train.lr"]
+    (block,) = tables.build_table1(runs, published=None)
+    df = tables.table1_frame(block, "md")
+    assert list(df.columns) == ["Arch", "Method", "train.lr", "ANN", "T=1"]
+    got = [tuple(r)[:4] for r in df.itertuples(index=False)]
+    assert got == [
+        ("ResNet-20", "QCFS", "0.01", "56.27"), ("ResNet-20", "QCFS", "0.1", "**93.31**"),
+        ("ResNet-20", "NQ", "0.01", "55.00"), ("ResNet-20", "NQ", "0.1", "92.00"),
+        ("ResNet-20", "Δ NQ − QCFS", "0.01", "-1.27"), ("", "↳ p (paired t)", "", "n too small"),
+        ("ResNet-20", "Δ NQ − QCFS", "0.1", "-1.31"), ("", "↳ p (paired t)", "", "n too small"),
+    ]
+    assert "74.79" not in tables.render_table1_md([block])
+    # an NQ-only setting (noise.tau) splits NQ rows but not QCFS ones; QCFS runs of one
+    # seed that differ only in it (a grid crossing mode x tau) are averaged per seed
+    runs = tidy_runs(_raw_runs([run("qcfs", "0.1", 90.0, tau="4"), run("qcfs", "0.1", 90.2, tau="8"),
+                                run("layerwise", "0.1", 89.0, tau="4"),
+                                run("layerwise", "0.1", 88.0, tau="8")]))
+    assert tables.varying_settings(runs) == ["tau"]
+    (block,) = tables.build_table1(runs, published=None)
+    rows = [(r.method, r.settings, r.cells["ANN"]) for r in block.rows]
+    assert rows[0][:2] == ("QCFS", {"tau": "—"}) and rows[0][2].n == 1
+    assert rows[0][2].mean == pytest.approx(90.1)
+    assert [r[1]["tau"] for r in rows if r[0] == "NQ"] == ["4", "8"]
+    assert [round(r[2].mean, 2) for r in rows if r[0] == "Δ NQ − QCFS"] == [-1.1, -2.1]
+    assert any("averaged per seed" in n for n in block.notes)
+
+
+def test_unpaired_seeds_are_named():
+    runs = _frame([
+        {"arch": "resnet20", "method": "QCFS", "seed": "0", "ann": 90.0, "T1": 50.0},
+        {"arch": "resnet20", "method": "QCFS", "seed": "1", "ann": 91.0, "T1": 51.0},
+        {"arch": "resnet20", "method": "NQ", "seed": "0", "ann": 89.0, "T1": 55.0},
+        {"arch": "resnet20", "method": "NQ", "seed": "1", "ann": 89.5, "T1": 57.0},
+        {"arch": "resnet20", "method": "NQ", "seed": "2", "ann": 88.0, "T1": 56.0},
+    ])
+    (block,) = tables.build_table1(runs, published=None)
+    (delta,) = [r for r in block.rows if r.kind == "delta"]
+    assert delta.cells["T=1"].n == 2 and delta.cells["T=1"].mean == pytest.approx(5.5)
+    assert [r.cells["T=1"].n for r in block.rows if r.kind == "measured"] == [2, 3]
+    assert block.notes == ["Δ ResNet-20: 2 seed pairs; unpaired seeds left out of the Δ: "
+                           "NQ 2; QCFS none."]
+    assert "Note: Δ ResNet-20: 2 seed pairs" in tables.render_table1_md([block])
+
+
+def test_lr_sweep_end_to_end(stats_store, tmp_path):
+    uri, _, _ = stats_store
+    out = tmp_path / "lr"
+    assert main(["--experiment", LR, "--tracking-uri", uri, "--out", str(out),
+                 "--format", "md"]) == 0
+    header, rows = _table1_rows((out / "table1.md").read_text())
+    assert header[:4] == ["Arch", "Method", "train.lr", "ANN"]
+    assert [r[:4] for r in rows if r[1] == "QCFS"] == [
+        ["ResNet-20", "QCFS", "0.01", "56.27"], ["ResNet-20", "QCFS", "0.1", "**93.31**"]]
+    assert "74.79" not in (out / "table1.md").read_text()
+    assert "`train.lr`" in (out / "index.md").read_text()
+
+
+def test_protocol_differences_labelled(stats_report):
+    for name in ("table1.md", "table2.md"):
+        md = (stats_report / name).read_text()
+        line = _block(md, "CIFAR-10").strip().splitlines()[0]
+        assert line.startswith("Protocol differences from the paper: ")
+        for part in ("3 epochs (paper: 400)", "gradient formulation qcfs_iclr (paper: nq)",
+                     "NQ calibration images not augmented (NQ official code: augmented)",
+                     "ANN column with noise off (NQ official code: noise on; noise-on ANN "
+                     "accuracy in the “ANN (noise on)” column of Table 1)"):
+            assert part in line, (name, part)
+        assert "checkpoint selected" not in line      # selected on test, as in the paper
+    for name in ("table1.tex", "table2.tex"):
+        tex = (stats_report / name).read_text()
+        for tab in _tabulars(tex):
+            _check_tabular(tab)
+        cap = re.search(r"\\caption\{(.*?)\}\n", tex, flags=re.S).group(1)
+        assert "Protocol differences from the paper: 3 epochs (paper: 400)" in cap
+        assert "“" not in tex and "↳" not in tex
+    index = (stats_report / "index.md").read_text()
+    proto = index.split("## Protocol", 1)[1].split("\n## ", 1)[0]
+    assert "Epochs: 3 — **differs from the paper** (400)" in proto
+    assert "TEST set" in proto and "as in the paper (test set)" in proto
+    assert "Gradient formulation (`model.grad`): qcfs_iclr — **differs from the paper** (nq)" \
+        in proto
+    assert "not augmented — **differs from the NQ official code** (augmented)" in proto
+    assert "512 images (`calib.n_images`)" in proto and "class counts differ" in proto
+    assert "ANN column: noise off" in proto
+    assert "Never row keys: `train.seed`" in proto
+
+
+def test_generated_prose_never_overclaims(stats_report, report):
+    for out in (stats_report, report):
+        index = (out / "index.md").read_text()
+        generated = index.split("## Discussion", 1)[0]
+        for text in [generated] + [(out / n).read_text() for n in ("table1.md", "table2.md")]:
+            assert not OVERCLAIM.search(text), OVERCLAIM.search(text).group(0)
+            for clause in re.split(r"[.;]\s|\n", text):
+                if re.search(r"not significant|not tested|n too small", clause):
+                    assert not OVERCLAIM.search(clause), clause
+    index = (stats_report / "index.md").read_text()
+    prose = index.split("(generated)", 1)[1].split("\n## ", 1)[0]
+    (bullet,) = [ln for ln in prose.splitlines() if ln.startswith("- ")]
+    assert "Significant at 95% (t-based CI excludes 0): ANN -1.00" in bullet
+    assert "T=1 +5.00" in bullet and "Not significant: T=2 +0.04 (p = " in bullet
+    assert "n = 5)" in bullet and "Not tested (all per-seed differences are equal" in bullet
+    sig = bullet.split("Not significant")[0]
+    assert "T=2" not in sig and "T=4" not in sig
+    index2 = (report / "index.md").read_text()
+    assert "Not tested (n too small, fewer than 3 seed pairs), so no difference is claimed" \
+        in index2
+    bullets2 = [ln for ln in index2.split("(generated)", 1)[1].split("\n## ", 1)[0].splitlines()
+                if ln.startswith("- ")]
+    assert len(bullets2) == 2 and not any("ignificant" in b for b in bullets2)
+
+
+def test_discussion_overclaim_is_flagged(store, tmp_path):
+    out = tmp_path / "claim"
+    out.mkdir()
+    (out / "discussion.md").write_text("NQ matches the paper and is better at T=1.\n")
+    assert main(["--experiment", EXP, "--tracking-uri", store, "--out", str(out),
+                 "--format", "md"]) == 0
+    index = (out / "index.md").read_text()
+    assert "_Caution: the discussion uses “better…”, “match…” but no NQ − QCFS difference" \
+        in index
+    assert "_Hand-written (`discussion.md`)" in index
+
+
+def test_per_seed_appendix(stats_report, report):
+    index = (stats_report / "index.md").read_text()
+    app = index.split("## Appendix: per-seed values", 1)[1]
+    trials = app.split("### CIFAR-10: every finished trial", 1)[1].split("###", 1)[0]
+    lines = [ln for ln in trials.splitlines() if ln.startswith("| ResNet-20")]
+    assert len(lines) == 10
+    assert any("| NQ " in ln and "| 4 " in ln and f"{_nq(4)[1]:.2f}" in ln for ln in lines)
+    deltas = app.split("### CIFAR-10: Δ NQ − QCFS per seed", 1)[1]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in deltas.splitlines()
+            if ln.startswith("| ResNet-20")]
+    assert [r[1] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert [r[3] for r in rows] == [f"{v:+.2f}" for v in _D["T=1"]]   # Seed, ANN, T=1 (no Δ of the noisy ANN)
+    app2 = (report / "index.md").read_text().split("## Appendix: per-seed values", 1)[1]
+    trials2, deltas2 = app2.split("### CIFAR-10: Δ NQ − QCFS per seed", 1)
+    assert trials2.count("| VGG-16") == 4 and trials2.count("| ResNet-20") == 4
+    assert "vgg16_layerwise_d0.0_s7" not in trials2                   # FAILED: not a row
+    assert "| ResNet-20 | 0      | -1.00 | +5.00 | +6.00 | +4.00 | -0.50 |" in deltas2
+
+
+def test_delta_heatmap_layers_by_name(tmp_path):
+    from harness.report import figures
+
+    hist = pd.DataFrame({"delta/l00_conv1.act": [0.0, 0.1], "delta/l01_stages.0.0.act2": [0.0, 0.3],
+                         "delta_next/l00_conv1.act": [0.1, 0.2]}, index=[1, 2])
+    names, cols, mat = figures.delta_matrix(hist)
+    assert names == ["conv1.act", "stages.0.0.act2"]
+    assert cols == ["delta/l00_conv1.act", "delta/l01_stages.0.0.act2"]   # δ_trained only
+    assert mat.tolist() == [[0.0, 0.1], [0.0, 0.3]]
+    assert figures.delta_heatmap(hist, "t", tmp_path / "h.png").stat().st_size > 1000

@@ -1,6 +1,8 @@
 """Report generator: MLflow sweep experiment -> paper-style tables and figures.
 
 - :mod:`.collect`  MLflow store -> tidy pandas frame (+ metric histories, artifacts)
+- :mod:`.stats`    per-cell summaries, paired NQ − QCFS tests (scipy.stats), Holm
+- :mod:`.protocol` protocol choices of the runs next to the paper's
 - :mod:`.tables`   pure functions: frames -> Table 1 / Table 2 (markdown, LaTeX)
 - :mod:`.figures`  matplotlib figures (Agg)
 - :mod:`.cli`      ``main(argv)`` for the ``harness report`` subcommand

@@ -8,9 +8,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import tables
-from .collect import (NA, Collected, ReportError, collect, default_tracking_uri,
-                      setting_sort_key)
+from . import protocol, tables
+from .collect import (EXCLUDED_PARAMS, NA, Collected, ReportError, arch_label, collect,
+                      default_tracking_uri, setting_label, setting_sort_key)
 
 FORMATS = ("md", "tex", "png")
 
@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: reports/<experiment>/)")
     p.add_argument("--format", default="md,tex,png",
                    help="comma-separated subset of md,tex,png (default: all)")
+    p.add_argument("--parent", default=None, metavar="RUN_ID",
+                   help="report the trials of this parent run (default: the newest parent "
+                        "run of the experiment)")
     return p
 
 
@@ -48,34 +51,97 @@ def _data_source(name: str, root: str) -> str:
     return f"`{name}`" + (f" (root `{root}`)" if root else "")
 
 
+def _paper_tag(c: protocol.Choice) -> str:
+    if c.differs is None or not c.paper:
+        return ""
+    if c.differs:
+        return f" — **differs from {c.ref}** ({c.paper})"
+    return f" — as in {c.ref} ({c.paper})"
+
+
+def _parent_line(col: Collected) -> str:
+    k = len(col.parent_ids)
+    others = [p for p in col.parent_ids if p != col.parent_id]
+    if col.parent_given:
+        how = f"selected with `--parent`; {k} parent run{'s' if k != 1 else ''} in the experiment"
+    else:
+        how = (f"newest of {k}" + ("; `--parent RUN_ID` reports another" if k > 1 else ""))
+    text = f"- Sweep: parent run `{col.parent_id}` ({how})"
+    if others:
+        text += ". Other parent runs (newest first): " + ", ".join(f"`{p}`" for p in others) \
+            + " — their trials are not in this report"
+    return text
+
+
 def protocol_lines(col: Collected) -> list[str]:
     runs = col.runs
-    lines = []
-    epochs = sorted({v for v in runs["epochs"] if v != NA}, key=setting_sort_key)
-    lines.append(f"- Epochs: {', '.join(epochs) if epochs else 'unknown'}")
+    lines = [_parent_line(col)]
+    by_name = {c.name: c for c in protocol.choices(runs)}
+    ep = by_name["Epochs"]
+    lines.append(f"- Epochs: {ep.here if ep.here != 'not logged' else 'unknown'}{_paper_tag(ep)}")
     on_test = runs[runs["select_on"] == "test"]
     sel_T = sorted({v for v in runs["select_T"] if v != NA}, key=setting_sort_key)
     t_txt = f" at T={'/'.join(sel_T)}" if sel_T else ""
+    sel = by_name["Checkpoint selection split"]
     if not on_test.empty:
         lines.append(f"- Checkpoint selection: **selected on the TEST set — the paper's "
                      f"protocol, optimistic** ({len(on_test)} of {len(runs)} runs; best converted "
-                     f"SNN{t_txt})")
+                     f"SNN{t_txt}){_paper_tag(sel)}")
     else:
         split = sorted({v for v in runs["select_on"] if v != NA})
         lines.append(f"- Checkpoint selection: best converted SNN{t_txt} on the "
-                     f"{'/'.join(split) or 'validation'} split (held out from training)")
+                     f"{'/'.join(split) or 'validation'} split (held out from training)"
+                     f"{_paper_tag(sel)}")
+    for name, c in by_name.items():
+        if name in ("Epochs", "Checkpoint selection split", "Data"):
+            continue
+        lines.append(f"- {name}: {c.here}{_paper_tag(c)}")
     sources = sorted({(n, r) for n, r in zip(runs["data_name"], runs["data_root"])})
-    lines.append("- Data: " + "; ".join(_data_source(n, r) for n, r in sources))
+    data = "- Data: " + "; ".join(_data_source(n, r) for n, r in sources)
+    if "Data" in by_name:
+        data += _paper_tag(by_name["Data"])
+    lines.append(data)
     hw = []
     if "tags.harness.hardware" in col.parents.columns:
         used = set(runs["parent_id"])
         par = col.parents[col.parents["run_id"].isin(used)] if used else col.parents
         hw = sorted({h for h in par["tags.harness.hardware"] if isinstance(h, str) and h})
     lines.append(f"- Hardware: {'; '.join(hw) if hw else 'unknown'}")
-    lines.append(f"- Runs: {len(runs)} finished trial runs reported "
-                 f"({col.n_child_total} trial runs in total), seeds: "
+    counts = col.status_counts
+    status = ", ".join(f"{v} {k}" for k, v in counts.items())
+    lines.append(f"- Runs: {len(runs)} finished trial runs reported; trial runs under this "
+                 f"parent by status: {status} ({col.n_child_total} in total); seeds: "
                  f"{', '.join(sorted(set(runs['seed']), key=setting_sort_key))}")
+    varying = sorted({s for ds in runs["dataset"].unique()
+                      for s in tables.varying_settings(runs[runs["dataset"] == ds])})
+    lines.append("- Row keys: dataset, architecture, method" + (
+        " and the settings that vary: " + ", ".join(f"`{setting_label(s)}`" for s in varying)
+        if varying else " (no other setting varies)") + ". Never row keys: " + "; ".join(
+        f"`{k}` ({why})" for k, why in EXCLUDED_PARAMS.items()))
     lines.append(f"- MLflow: experiment `{col.experiment}`, tracking URI `{col.tracking_uri}`")
+    return lines
+
+
+def not_finished_lines(col: Collected) -> list[str]:
+    """One line per trial of the parent that is not FINISHED, with its cell's n."""
+    trials = col.trials
+    if trials is None or trials.empty:
+        return []
+    bad = trials[trials["status"] != "FINISHED"]
+    lines = []
+    for _, t in bad.iterrows():
+        ds_runs = col.runs[col.runs["dataset"] == t["dataset"]]
+        keys = ["dataset", "arch", "method"] + [
+            s for s in tables.varying_settings(ds_runs) if s in trials.columns]
+        same = lambda f: (f[keys] == t[keys]).all(axis=1)  # noqa: E731
+        n_done = int(same(col.runs[keys]).sum()) if not col.runs.empty else 0
+        n_all = int(same(trials[keys]).sum())
+        settings = ", ".join(f"{setting_label(s)}={t[s]}" for s in keys[3:] if t[s] != NA)
+        where = f"{t['dataset']}, {arch_label(t['arch'])}, {t['method']}" + (
+            f" ({settings})" if settings else "")
+        lines.append(f"- `{t['trial']}` (run `{str(t['run_id'])[:8]}`): **{t['status']}** — "
+                     f"{where}, seed {t['seed']}. Its cells have n = {n_done} of {n_all} "
+                     "planned trials.")
     return lines
 
 
@@ -103,7 +169,7 @@ def write_report(col: Collected, out: Path, fmts: set[str]) -> dict[str, list[Pa
         _write("table2.tex", tables.render_table2_tex(t2_md))
     if "png" in fmts:
         written["figures"] = _write_figures(col, out)
-    (out / "index.md").write_text(_index_md(col, out, written, table1_md))
+    (out / "index.md").write_text(_index_md(col, out, written, table1_md, blocks))
     return written
 
 
@@ -129,7 +195,8 @@ def _write_figures(col: Collected, out: Path) -> list[Path]:
         name = r["trial_file"]
         title = f"{r['trial']} ({r['method']})"
         paths.append(figures.training_curves(hist, r["best_epoch"], title,
-                                             out / f"curves_{name}.png", r["select_T"]))
+                                             out / f"curves_{name}.png", r["select_T"],
+                                             r["select_on"]))
         paths.append(figures.delta_heatmap(hist, title, out / f"delta_heatmap_{name}.png"))
         data = col.residual_hist(r["run_id"])
         if data:
@@ -142,21 +209,49 @@ _FIG_SECTIONS = [
     ("epoch_time", "Training time per epoch (Fig. 6)"),
     ("ablation_", "Ablations (Fig. 4 / Fig. 7)"),
     ("curves_", "Training curves (checkpoint selection, Fig. 5)"),
-    ("delta_heatmap_", "Layer-wise noise δ over epochs"),
+    ("delta_heatmap_", "Layer-wise noise δ_trained over epochs"),
     ("residual_hist_", "Residual-error histograms (Fig. 2)"),
 ]
 
 
-def _index_md(col: Collected, out: Path, written: dict[str, list[Path]], table1_md: str) -> str:
+_OVERCLAIM = ("better", "match", "reproduc")
+
+
+def _index_md(col: Collected, out: Path, written: dict[str, list[Path]], table1_md: str,
+              blocks: list[tables.Block] | None = None) -> str:
     lines = [f"# Report: {col.experiment}", ""]
     lines += ["## Protocol", ""] + protocol_lines(col) + [""]
+    missing = not_finished_lines(col)
+    if missing:
+        lines += ["## Trials not reported", "",
+                  "These trials of the parent run did not finish and are left out of every "
+                  "table and figure:", ""] + missing + [""]
     if written["tables"]:
         lines += ["## Tables", ""]
         lines += [f"- [{p.name}]({p.name})" for p in written["tables"]] + [""]
     lines += ["## Table 1", "", table1_md.strip(), ""]
+    findings = tables.delta_findings(blocks or [])
+    n_sig = sum(1 for b in blocks or [] for r in b.rows if r.kind == "delta"
+                for c in r.cells.values() if c is not None and c.significant)
+    if findings:
+        lines += ["## NQ − QCFS: what the Δ rows support (generated)", "",
+                  "Generated from the Δ rows of Table 1. “Significant at 95%” means that the "
+                  "t-based 95% CI of the mean per-seed difference excludes 0 (paired t-test, "
+                  "unadjusted; the Holm result across the row's columns is given with it).", ""]
+        lines += findings + [""]
     notes = out / "discussion.md"  # hand-written; kept across regenerations
     if notes.exists():
-        lines += ["## Discussion", "", notes.read_text().strip(), ""]
+        text = notes.read_text().strip()
+        lines += ["## Discussion", "", text, "",
+                  "_Hand-written (`discussion.md`): not generated and not checked by "
+                  "`harness report`._"]
+        low = text.lower()
+        used = [w for w in _OVERCLAIM if w in low]
+        if used and n_sig == 0:
+            lines += ["", "_Caution: the discussion uses "
+                      + ", ".join(f"“{w}…”" for w in used) + " but no NQ − QCFS difference "
+                      "in Table 1 is significant at 95%._"]
+        lines += [""]
     if written["figures"]:
         lines += ["## Figures", ""]
         figs = sorted(written["figures"], key=lambda p: p.name)
@@ -168,6 +263,11 @@ def _index_md(col: Collected, out: Path, written: dict[str, list[Path]], table1_
             lines += [f"- [{p.name}]({p.name})" for p in sel] + [""]
             if prefix in ("acc_vs_T_", "epoch_time", "ablation_"):
                 lines += [f"![{p.stem}]({p.name})" for p in sel] + [""]
+    if blocks:
+        lines += ["## Appendix: per-seed values", "",
+                  "Every finished trial of the parent run, then the per-seed NQ − QCFS "
+                  "differences behind the Δ rows.", "",
+                  tables.per_seed_tables(col.runs, blocks).strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -186,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         fmts = _parse_formats(args.format)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            col = collect(args.experiment, uri)
+            col = collect(args.experiment, uri, parent=args.parent)
             write_report(col, out, fmts)
     except ReportError as exc:
         print(f"report error: {exc}", file=sys.stderr)

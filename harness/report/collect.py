@@ -21,7 +21,9 @@ import pandas as pd
 __all__ = [
     "ReportError", "Collected", "collect", "default_tracking_uri", "SETTINGS",
     "SETTING_LABELS", "T_COLUMNS_RE", "dataset_key", "dataset_label", "arch_label",
-    "sanitize", "method_order", "arch_order",
+    "sanitize", "method_order", "arch_order", "EXCLUDED_PARAMS", "KEY_PARAMS",
+    "relevant_methods", "setting_label", "is_setting_column", "tidy_runs", "parent_table",
+    "select_parent", "FINAL_METRICS",
 ]
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,10 @@ class ReportError(Exception):
     """A problem that ends the report with exit code 2 (one-line message)."""
 
 
-# Report column -> MLflow param.  These are the settings that become extra
-# row keys when (and only when) they vary within an experiment.
+# Report column -> MLflow param for the settings with a short column name.  Every
+# other parameter of the trial runs is a setting under its own dotted name
+# (e.g. "train.lr", "model.grad"); each setting that varies among the reported
+# runs becomes a row key (see tables.varying_settings).
 SETTINGS: dict[str, str] = {
     "L": "model.L",
     "delta": "noise.delta",
@@ -44,6 +48,19 @@ SETTINGS: dict[str, str] = {
 }
 SETTING_LABELS = {"L": "L", "delta": "δ", "tau": "τ", "scale": "scale",
                   "lam_init": "λ0", "epochs": "epochs", "residual": "residual"}
+_SHORT = {param: col for col, param in SETTINGS.items()}
+# Parameters that are NOT settings (never row keys), and why.
+EXCLUDED_PARAMS: dict[str, str] = {
+    "train.seed": "the replicate: cells aggregate over seeds",
+    "train.threads": "CPU threads: speed only",
+    "data.eval_batch_size": "evaluation batch size: evaluation runs in eval mode",
+    "data.download": "whether the data set may be downloaded",
+    "eval.T": "the list of evaluated T: each T is its own column",
+    "calib.class_counts": "follows from the calibration subset drawn per seed; "
+                          "listed in the protocol section",
+}
+# Parameters shown in their own columns (dataset block, Arch, Method).
+KEY_PARAMS = {"model.arch": "arch", "noise.mode": "method"}
 # Noise settings only mean something for some methods; for the others the
 # value is masked ("—") so that e.g. QCFS runs do not split on noise.tau.
 _RELEVANT = {
@@ -51,11 +68,39 @@ _RELEVANT = {
     "tau": {"NQ"},
     "residual": {"NQ"},
     "scale": {"NQ", "NQ-fixed"},
+    "noise.calib_samples": {"NQ"},
+    "noise.calib_augment": {"NQ"},
 }
+_RELEVANT_PREFIX = {"calib.": {"NQ"}, "noise.": {"NQ", "NQ-fixed"}}
+
+
+def relevant_methods(col: str) -> set[str] | None:
+    """Methods for which a setting column means something (None: all methods)."""
+    if col in _RELEVANT:
+        return _RELEVANT[col]
+    for prefix, methods in _RELEVANT_PREFIX.items():
+        if col.startswith(prefix):
+            return methods
+    return None
+
+
+def setting_label(col: str) -> str:
+    """Display name of a setting column ("L", "δ", ..., or the parameter name)."""
+    return SETTING_LABELS.get(col, col)
+
+
+def is_setting_column(col: str) -> bool:
+    """Tidy-frame columns that hold settings: the short ones and dotted parameter names."""
+    return col in SETTINGS or "." in str(col)
+
+
 NA = "—"
 
 T_COLUMNS_RE = re.compile(r"^T(\d+)$")
-_FINAL_T_RE = re.compile(r"^snn_test_acc_T(\d+)$")
+# final metrics of the selected model (step 0)
+_FINAL_T_RE = re.compile(r"^final/snn_test_acc_T(\d+)$")
+FINAL_METRICS = {"ann": "final/ann_test_acc", "ann_val": "final/ann_val_acc",
+                 "ann_noisy": "final/ann_noisy_test_acc", "best_epoch": "final/best_epoch"}
 
 _METHOD_BY_MODE = {"qcfs": "QCFS", "layerwise": "NQ", "fixed": "NQ-fixed"}
 _METHOD_ORDER = ["QCFS", "NQ", "NQ-fixed"]
@@ -154,10 +199,14 @@ def setting_sort_key(v: str):
 class Collected:
     experiment: str
     tracking_uri: str
-    runs: pd.DataFrame                      # tidy: one row per finished trial run
+    runs: pd.DataFrame                      # tidy: one row per FINISHED trial of the parent
     parents: pd.DataFrame                   # parent runs (raw search_runs columns)
-    n_child_total: int                      # child runs of any status
+    n_child_total: int                      # trial runs of the selected parent, any status
     histories: dict[str, pd.DataFrame] = field(default_factory=dict)  # run_id -> per-epoch
+    trials: pd.DataFrame | None = None      # tidy: every trial of the parent, with "status"
+    parent_id: str | None = None            # the reported parent run
+    parent_ids: list[str] = field(default_factory=list)   # all parent runs, newest first
+    parent_given: bool = False              # selected with --parent (else: the newest)
     _hist_cache: dict[str, dict | None] = field(default_factory=dict, repr=False)
 
     @property
@@ -170,6 +219,17 @@ class Collected:
         """Settings (report column names) that take >1 value among the runs."""
         from .tables import varying_settings
         return varying_settings(self.runs)
+
+    @property
+    def status_counts(self) -> dict[str, int]:
+        """Trial runs of the reported parent by status (FINISHED/FAILED/KILLED/RUNNING first)."""
+        counts = {s: 0 for s in ("FINISHED", "FAILED", "KILLED", "RUNNING")}
+        if self.trials is not None:
+            for s, k in self.trials["status"].value_counts().items():
+                counts[str(s)] = int(k)
+        else:
+            counts["FINISHED"] = len(self.runs)
+        return counts
 
     def residual_hist(self, run_id: str) -> dict | None:
         """Parsed residual_hist.json of a run, or None if it has none."""
@@ -213,9 +273,17 @@ def _existing_experiments(client) -> list[str]:
 
 
 def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
-    """search_runs frame of finished child runs -> tidy report frame."""
+    """search_runs frame of child runs -> tidy report frame (one row per run).
+
+    Settings: every ``params.*`` column except :data:`EXCLUDED_PARAMS` and
+    :data:`KEY_PARAMS`, named by its short name (``SETTINGS``) or else by the
+    parameter name; values are canonical strings, masked ("—") for methods they
+    do not apply to (:func:`relevant_methods`).
+    """
     out = pd.DataFrame(index=raw.index)
     out["run_id"] = raw["run_id"].astype(str)
+    out["status"] = _col(raw, "status").astype(object).map(
+        lambda v: str(v) if isinstance(v, str) and v else "UNKNOWN")
     trial = _col(raw, "tags.harness.trial").astype(object)
     runname = _col(raw, "tags.mlflow.runName").astype(object)
     out["trial"] = [t if isinstance(t, str) and t else (r if isinstance(r, str) and r
@@ -226,7 +294,7 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
     roots = _col(raw, "params.data.root").astype(object)
     tags = _col(raw, "tags.harness.dataset_label").astype(object)
     out["data_name"] = [str(n) if isinstance(n, str) else "unknown" for n in names]
-    out["data_root"] = [str(r) if isinstance(r, str) else "" for r in roots]
+    out["data_root"] = [str(r) if isinstance(r, str) and r != "None" else "" for r in roots]
     out["dataset_key"] = [dataset_key(n, r) for n, r in zip(out["data_name"], out["data_root"])]
     out["dataset"] = [dataset_label(n, r, t if isinstance(t, str) else None)
                       for n, r, t in zip(out["data_name"], out["data_root"], tags)]
@@ -237,20 +305,30 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
     out["method"] = [t if isinstance(t, str) and t else _METHOD_BY_MODE.get(str(m), str(m))
                      for t, m in zip(mtags, modes)]
     out["seed"] = [_norm_value(s) for s in _col(raw, "params.train.seed").astype(object)]
-    for name, param in SETTINGS.items():
+    params = sorted(c.removeprefix("params.") for c in raw.columns if c.startswith("params."))
+    setting_cols = list(SETTINGS) + [_SHORT.get(p, p) for p in params
+                                     if p not in EXCLUDED_PARAMS and p not in KEY_PARAMS
+                                     and p not in _SHORT]
+    for name in setting_cols:
+        param = SETTINGS.get(name, name)
         vals = [_norm_value(v) for v in _col(raw, f"params.{param}").astype(object)]
-        rel = _RELEVANT.get(name)
+        rel = relevant_methods(name)
         if rel is not None:
             vals = [v if m in rel else NA for v, m in zip(vals, out["method"])]
         out[name] = vals
     out["select_on"] = [_norm_value(v) for v in _col(raw, "params.eval.select_on").astype(object)]
     out["select_T"] = [_norm_value(v) for v in _col(raw, "params.eval.select_T").astype(object)]
-    out["ann"] = pd.to_numeric(_col(raw, "metrics.best_ann_test_acc"), errors="coerce")
-    out["best_epoch"] = pd.to_numeric(_col(raw, "metrics.best_epoch"), errors="coerce")
-    ts = sorted(int(m.group(1)) for c in raw.columns
-                if (m := _FINAL_T_RE.match(c.removeprefix("metrics."))) and c.startswith("metrics."))
-    for t in ts:
-        out[f"T{t}"] = pd.to_numeric(raw[f"metrics.snn_test_acc_T{t}"], errors="coerce")
+    rel = relevant_methods("calib.class_counts")
+    out["class_counts"] = [_norm_value(v) if rel is None or m in rel else NA for v, m in
+                           zip(_col(raw, "params.calib.class_counts").astype(object),
+                               out["method"])]
+    for name, key in FINAL_METRICS.items():
+        out[name] = pd.to_numeric(_col(raw, f"metrics.{key}"), errors="coerce")
+    ts = sorted({int(m.group(1)): c for c in raw.columns
+                 if c.startswith("metrics.") and (m := _FINAL_T_RE.match(c.removeprefix("metrics.")))
+                 }.items())
+    for t, c in ts:
+        out[f"T{t}"] = pd.to_numeric(raw[c], errors="coerce")
     # unique, file-name-safe trial names
     safe = [sanitize(t) for t in out["trial"]]
     dup = pd.Series(safe).duplicated(keep=False).to_numpy()
@@ -258,15 +336,15 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
                          for s, d, rid in zip(safe, dup, out["run_id"])]
     order = sorted(range(len(out)), key=lambda i: (
         out["dataset"].iat[i], arch_order(out["arch"].iat[i]), method_order(out["method"].iat[i]),
-        tuple(setting_sort_key(out[s].iat[i]) for s in SETTINGS),
+        tuple(setting_sort_key(out[s].iat[i]) for s in setting_cols),
         setting_sort_key(out["seed"].iat[i]), out["trial"].iat[i]))
     out = out.iloc[order].reset_index(drop=True)
     return out
 
 
 _HISTORY_KEYS = re.compile(
-    r"^(train_loss|train_acc|lr|ann_val_acc|ann_test_acc|snn_val_acc_T\d+|"
-    r"snn_test_acc_sel_T\d+|delta_l\d+|residual_mean_l\d+|residual_std_l\d+|epoch_s|calib_s)$")
+    r"^(train/(loss|acc|lr)|ann/(val_acc|test_acc|noisy_test_acc)|snn/(val|test)_acc_T\d+|"
+    r"delta(_next)?/l\d+_.+|residual/(mean|std)/l\d+_.+|time/(epoch|train|calib|eval)_s)$")
 
 
 def _histories(client, raw: pd.DataFrame, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -290,8 +368,58 @@ def _histories(client, raw: pd.DataFrame, runs: pd.DataFrame) -> dict[str, pd.Da
     return out
 
 
-def collect(experiment: str, tracking_uri: str, *, histories: bool = True) -> Collected:
-    """Load an experiment's finished trial runs.  Raises ReportError."""
+def _is_child(raw: pd.DataFrame) -> pd.Series:
+    parent_col = _col(raw, "tags.mlflow.parentRunId").astype(object)
+    role = _col(raw, "tags.harness.role").astype(object)
+    return parent_col.map(lambda v: isinstance(v, str) and bool(v)) & (role != "parent")
+
+
+def parent_table(raw: pd.DataFrame) -> pd.DataFrame:
+    """The parent runs of an experiment, newest first.
+
+    Parent runs are the runs tagged ``harness.role=parent`` and any run that child
+    runs name in ``mlflow.parentRunId``.  Columns: ``run_id``, ``start_time`` (the
+    parent's own, else its first child's), ``n_trials`` (child runs, any status).
+    """
+    is_child = _is_child(raw)
+    role = _col(raw, "tags.harness.role").astype(object)
+    parent_of = _col(raw, "tags.mlflow.parentRunId").astype(object)
+    start = _col(raw, "start_time")
+    ids = (set(raw.loc[role == "parent", "run_id"].astype(str))
+           | {str(p) for p in parent_of[is_child]})
+    own = dict(zip(raw["run_id"].astype(str), start))
+    recs = []
+    for pid in ids:
+        kids = is_child & (parent_of == pid)
+        t = own.get(pid)
+        if t is None or pd.isna(t):
+            t = start[kids].min() if kids.any() else pd.NaT
+        recs.append({"run_id": pid, "start_time": t, "n_trials": int(kids.sum())})
+    df = pd.DataFrame.from_records(recs, columns=["run_id", "start_time", "n_trials"])
+    if df.empty:
+        return df
+    df["_t"] = pd.to_datetime(df["start_time"], utc=True, errors="coerce")
+    df = df.sort_values(["_t", "run_id"], ascending=[False, True], na_position="last")
+    return df.drop(columns="_t").reset_index(drop=True)
+
+
+def select_parent(parents: pd.DataFrame, parent: str | None, experiment: str) -> str | None:
+    """The given parent run id (checked), else the newest parent run; None if there is none."""
+    ids = list(parents["run_id"]) if not parents.empty else []
+    if parent is None:
+        return ids[0] if ids else None
+    if parent not in ids:
+        raise ReportError(f"no parent run '{parent}' in experiment '{experiment}' "
+                          f"(parent runs, newest first: {', '.join(ids) if ids else 'none'})")
+    return parent
+
+
+def collect(experiment: str, tracking_uri: str, *, histories: bool = True,
+            parent: str | None = None) -> Collected:
+    """Load the trial runs of one parent run (sweep) of an experiment.  Raises ReportError.
+
+    ``parent``: the parent run id; default: the newest parent run (by start time).
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -311,17 +439,28 @@ def collect(experiment: str, tracking_uri: str, *, histories: bool = True) -> Co
         mlflow.set_tracking_uri(prev_uri)
     if raw.empty:
         raise ReportError(f"experiment '{experiment}' has no finished trial runs")
-    parent_col = _col(raw, "tags.mlflow.parentRunId").astype(object)
+    is_child = _is_child(raw)
     role = _col(raw, "tags.harness.role").astype(object)
-    is_child = parent_col.map(lambda v: isinstance(v, str) and bool(v)) & (role != "parent")
+    parents_tbl = parent_table(raw)
+    pid = select_parent(parents_tbl, parent, experiment)
     parents = raw[(role == "parent") | ~is_child].reset_index(drop=True)
-    child = raw[is_child]
+    child = raw[is_child & (_col(raw, "tags.mlflow.parentRunId") == pid)].reset_index(drop=True)
     finished = child[child["status"] == "FINISHED"].reset_index(drop=True)
     if finished.empty:
-        raise ReportError(f"experiment '{experiment}' has no finished trial runs")
+        where = "" if len(parents_tbl) <= 1 and parent is None else (
+            f" under parent run {pid} ({'given' if parent else 'newest'} of "
+            f"{len(parents_tbl)}: {', '.join(parents_tbl['run_id'])})")
+        raise ReportError(f"experiment '{experiment}' has no finished trial runs{where}")
     runs = tidy_runs(finished)
+    value_cols = ["ann"] + [c for c in runs.columns if T_COLUMNS_RE.match(str(c))]
+    if runs[value_cols].isna().all().all():
+        raise ReportError(f"the finished trial runs of experiment '{experiment}' have no "
+                          "final/ metrics (final/ann_test_acc, final/snn_test_acc_TNN): "
+                          "written by an older harness?")
     col = Collected(experiment=experiment, tracking_uri=tracking_uri, runs=runs,
-                    parents=parents, n_child_total=int(is_child.sum()))
+                    parents=parents, n_child_total=len(child), trials=tidy_runs(child),
+                    parent_id=pid, parent_ids=list(parents_tbl["run_id"]),
+                    parent_given=parent is not None)
     if histories:
         col.histories = _histories(client, finished, runs)
     return col

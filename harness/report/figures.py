@@ -6,6 +6,7 @@ path, or returns None when there is nothing to plot.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +17,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .collect import NA, SETTING_LABELS, arch_label, arch_order, method_order, setting_sort_key  # noqa: E402
+from .collect import (NA, arch_label, arch_order, method_order, setting_label,  # noqa: E402
+                      setting_sort_key)
 from .tables import stat_of, t_values, varying_settings  # noqa: E402
 
 WIDTH = 3.4
@@ -42,7 +44,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def _variant_label(method: str, settings: dict[str, str]) -> str:
-    extra = ", ".join(f"{SETTING_LABELS[k]}={v}" for k, v in settings.items() if v != NA)
+    extra = ", ".join(f"{setting_label(k)}={v}" for k, v in settings.items() if v != NA)
     return f"{method} ({extra})" if extra else method
 
 
@@ -87,32 +89,45 @@ def acc_vs_T(runs: pd.DataFrame, path: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------- training curves
-def _sel_key(hist: pd.DataFrame, select_T: str | None = None) -> str | None:
-    """The per-epoch SNN selection metric (the one at eval.select_T if several)."""
-    for prefix in ("snn_val_acc_T", "snn_test_acc_sel_T"):
-        keys = sorted((c for c in hist.columns if c.startswith(prefix)),
-                      key=lambda c: int(c.rsplit("_T", 1)[-1]))
-        if keys:
-            return f"{prefix}{select_T}" if f"{prefix}{select_T}" in keys else keys[0]
-    return None
+_SNN_EPOCH_RE = re.compile(r"^snn/(val|test)_acc_T(\d+)$")
+
+
+def _sel_key(hist: pd.DataFrame, select_T: str | None = None,
+             select_on: str | None = None) -> str | None:
+    """The per-epoch SNN selection metric: snn/<split>_acc_T<select_T, 2 digits>."""
+    keys = [(m.group(1), int(m.group(2)), c) for c in hist.columns
+            if (m := _SNN_EPOCH_RE.match(str(c)))]
+    if not keys:
+        return None
+    try:
+        want_T = int(float(select_T)) if select_T not in (None, NA) else None
+    except ValueError:
+        want_T = None
+    want_split = select_on if select_on in ("val", "test") else None
+    return min(keys, key=lambda k: (k[0] != want_split, k[1] != want_T, k[1]))[2]
 
 
 def training_curves(hist: pd.DataFrame, best_epoch: float | None, title: str,
-                    path: Path, select_T: str | None = None) -> Path | None:
-    """ANN test accuracy and the SNN selection accuracy over epochs."""
-    if hist is None or hist.empty or "ann_test_acc" not in hist.columns:
+                    path: Path, select_T: str | None = None,
+                    select_on: str | None = None) -> Path | None:
+    """ANN test accuracy (noise off, and on where logged) and the SNN selection accuracy."""
+    if hist is None or hist.empty or "ann/test_acc" not in hist.columns:
         return None
-    sel = _sel_key(hist, select_T)
+    sel = _sel_key(hist, select_T, select_on)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(WIDTH, 2.2))
-        h = hist["ann_test_acc"].dropna()
-        ax.plot(h.index, h.values, marker="o", color="tab:gray", label="ANN test")
+        h = hist["ann/test_acc"].dropna()
+        ax.plot(h.index, h.values, marker="o", color="tab:gray", label="ANN test (noise off)")
+        if "ann/noisy_test_acc" in hist.columns:
+            h = hist["ann/noisy_test_acc"].dropna()
+            ax.plot(h.index, h.values, marker="o", linestyle="--", color="tab:olive",
+                    label="ANN test (noise on)")
         if sel is not None:
             h = hist[sel].dropna()
-            split = "val" if "val" in sel else "TEST"
-            T = sel.rsplit("_T", 1)[-1]
+            m = _SNN_EPOCH_RE.match(sel)
+            split = "val" if m.group(1) == "val" else "TEST"
             ax.plot(h.index, h.values, marker="s", color="tab:red",
-                    label=f"SNN {split} (selection, T={T})")
+                    label=f"SNN {split} (selection, T={int(m.group(2))})")
         if best_epoch is not None and not pd.isna(best_epoch):
             ax.axvline(float(best_epoch), color="k", linestyle=":", linewidth=0.8,
                        label=f"selected epoch {int(best_epoch)}")
@@ -126,31 +141,45 @@ def training_curves(hist: pd.DataFrame, best_epoch: float | None, title: str,
 
 
 # ---------------------------------------------------------------- delta heatmap
+_DELTA_RE = re.compile(r"^delta/l(\d+)_(.+)$")
+
+
+def delta_matrix(hist: pd.DataFrame) -> tuple[list[str], list[str], np.ndarray]:
+    """(layer names, metric keys, layers x epochs) of δ_trained (``delta/lNN_<layer>``,
+    ordered by the layer index; ``delta_next/*`` is not used)."""
+    found = sorted((int(m.group(1)), m.group(2), c) for c in hist.columns
+                   if (m := _DELTA_RE.match(str(c))))
+    cols = [c for _, _, c in found]
+    mat = hist[cols].to_numpy(dtype=float).T if cols else np.zeros((0, len(hist)))
+    return [name for _, name, _ in found], cols, mat
+
+
 def delta_heatmap(hist: pd.DataFrame, title: str, path: Path) -> Path | None:
-    """δ_l over epochs (layers on y, epochs on x).  None if δ is constant."""
+    """δ_trained over epochs: the δ each layer was TRAINED with during each epoch
+    (metrics ``delta/lNN_<layer>``), layers on y (by name), epochs on x.
+    None if δ is constant."""
     if hist is None or hist.empty:
         return None
-    cols = sorted(c for c in hist.columns if c.startswith("delta_l"))
+    names, cols, mat = delta_matrix(hist)
     if not cols:
         return None
-    mat = hist[cols].to_numpy(dtype=float).T        # layers x epochs
     finite = mat[np.isfinite(mat)]
     if finite.size == 0 or np.allclose(finite, finite[0]):
         return None
     epochs = list(hist.index)
     with plt.rc_context({**STYLE, "axes.grid": False}):
-        fig, ax = plt.subplots(figsize=(WIDTH, max(1.6, 0.5 + 0.12 * len(cols))))
+        fig, ax = plt.subplots(figsize=(WIDTH, max(1.6, 0.6 + 0.11 * len(cols))))
         im = ax.imshow(mat, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
                        extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, len(cols) - 0.5))
-        step = max(1, len(cols) // 10)
+        step = max(1, len(cols) // 40)
         ax.set_yticks(range(0, len(cols), step))
-        ax.set_yticklabels([c.removeprefix("delta_l") for c in cols][::step])
+        ax.set_yticklabels(names[::step], fontsize=4 if len(cols) > 12 else 5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("layer")
-        ax.set_title(title)
+        ax.set_title(f"{title}: δ_trained (δ used in training during the epoch)")
         cb = fig.colorbar(im, ax=ax, pad=0.02)
-        cb.set_label("δ (noise std)")
+        cb.set_label("δ_trained (noise std)")
         cb.ax.tick_params(labelsize=6)
         fig.tight_layout()
         return _save(fig, path)
@@ -203,39 +232,53 @@ def residual_hist(data: dict, title: str, path: Path, ncols: int = 4) -> Path | 
 
 # ---------------------------------------------------------------- epoch time
 def epoch_time(runs: pd.DataFrame, histories: dict[str, pd.DataFrame], path: Path) -> Path | None:
-    """Mean time per epoch: training (epoch_s − calib_s) + calibration, per method/arch."""
+    """Mean time per epoch, per method/arch: training, noise calibration and evaluation.
+
+    From ``time/train_s``, ``time/calib_s`` and ``time/eval_s``; training is
+    ``time/epoch_s`` minus the other two where ``time/train_s`` is not logged.
+    """
     recs = []
     for _, r in runs.iterrows():
         h = histories.get(r["run_id"])
-        if h is None or "epoch_s" not in h.columns:
+        if h is None or "time/epoch_s" not in h.columns:
             continue
-        calib = h["calib_s"] if "calib_s" in h.columns else pd.Series(0.0, index=h.index)
-        calib = calib.reindex(h.index).fillna(0.0)
+
+        def part(key: str) -> pd.Series:
+            return (h[key] if key in h.columns else pd.Series(0.0, index=h.index)) \
+                .reindex(h.index).fillna(0.0)
+
+        calib, evals = part("time/calib_s"), part("time/eval_s")
+        train = part("time/train_s") if "time/train_s" in h.columns else \
+            h["time/epoch_s"] - calib - evals
         recs.append({"arch": r["arch"], "method": r["method"], "dataset": r["dataset"],
-                     "train": float((h["epoch_s"] - calib).mean()),
-                     "calib": float(calib.mean())})
+                     "train": float(train.mean()), "calib": float(calib.mean()),
+                     "eval": float(evals.mean())})
     if not recs:
         return None
     df = pd.DataFrame(recs)
     multi_ds = df["dataset"].nunique() > 1
-    agg = df.groupby(["dataset", "arch", "method"], sort=False)[["train", "calib"]].mean()
+    agg = df.groupby(["dataset", "arch", "method"], sort=False)[["train", "calib", "eval"]].mean()
     keys = sorted(agg.index, key=lambda k: (k[0], arch_order(k[1]), method_order(k[2])))
     labels = [f"{arch_label(a)}\n{m}" + (f"\n{d}" if multi_ds else "") for d, a, m in keys]
-    train = [agg.loc[k, "train"] for k in keys]
-    calib = [agg.loc[k, "calib"] for k in keys]
+    parts = [("train", "training", "tab:gray"), ("calib", "noise calibration (δ)", "tab:red"),
+             ("eval", "evaluation", "tab:blue")]
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(WIDTH, 2.3))
         x = np.arange(len(keys))
-        ax.bar(x, train, width=0.6, color="tab:gray", label="training (without calibration)")
-        ax.bar(x, calib, width=0.6, bottom=train, color="tab:red",
-               label="noise calibration (δ)")
-        for xi, t, c in zip(x, train, calib):
-            ax.text(xi, t + c, f"{t + c:.1f}", ha="center", va="bottom", fontsize=5)
+        bottom = np.zeros(len(keys))
+        for key, label, color in parts:
+            vals = np.array([agg.loc[k, key] for k in keys])
+            if key != "train" and not vals.any():
+                continue
+            ax.bar(x, vals, width=0.6, bottom=bottom, color=color, label=label)
+            bottom += vals
+        for xi, tot in zip(x, bottom):
+            ax.text(xi, tot, f"{tot:.1f}", ha="center", va="bottom", fontsize=5)
         ax.set_xticks(x)
         ax.set_xticklabels(labels, fontsize=5)
         ax.set_ylabel("time per epoch (s)")
-        ax.set_ylim(0, max(t + c for t, c in zip(train, calib)) * 1.12 or 1)
-        ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False,
+        ax.set_ylim(0, (bottom.max() * 1.12) or 1)
+        ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, frameon=False,
                   borderaxespad=0.2)
         ax.grid(axis="x", visible=False)
         fig.tight_layout()

@@ -2,54 +2,53 @@
 
 The tidy frame is the one built by :mod:`harness.report.collect` (one row per
 finished trial run; columns ``dataset``, ``dataset_key``, ``arch``,
-``method``, ``seed``, the settings in ``SETTINGS``, ``ann`` and ``T<k>``).
-Seeds are replicates: a cell is the mean, sample std (ddof=1) and n of the
-seeds of its group.
+``method``, ``seed``, the setting columns (:func:`collect.is_setting_column`),
+``ann``, ``ann_noisy`` and ``T<k>``).  Rows are keyed by method and by every
+setting that varies among the runs (:func:`varying_settings`).  Seeds are
+replicates: a cell is the mean, sample std (ddof=1) and n of the seeds of its
+group (runs of the same seed within one group are averaged first).  Δ rows pair
+NQ and QCFS by seed within the same dataset, architecture and every varying
+setting that applies to both methods; their statistics come from
+:mod:`harness.report.stats`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
 import pandas as pd
 
-from .collect import (NA, SETTING_LABELS, SETTINGS, T_COLUMNS_RE, _RELEVANT, arch_label,
-                      arch_order, method_order, setting_sort_key)
+from . import protocol
+from .collect import (NA, T_COLUMNS_RE, arch_label, arch_order, is_setting_column,
+                      method_order, relevant_methods, setting_label, setting_sort_key)
+from .stats import (CONFIDENCE, MIN_N_BOOT, MIN_N_TEST, N_BOOT, Paired, Stat, fmt_ci, fmt_p,
+                    holm, paired_stats, summary)
 
 __all__ = [
-    "Stat", "Row", "Block", "stat_of", "fmt_stat", "latex_escape", "varying_settings",
-    "t_values", "load_published", "load_published_table2", "build_table1",
-    "table1_frame", "render_table1_md", "render_table1_tex", "build_table2",
-    "render_table2_md", "render_table2_tex", "PUBLISHED_METHODS", "REFERENCE_DIR",
+    "Stat", "Paired", "Row", "Block", "stat_of", "fmt_stat", "latex_escape",
+    "varying_settings", "pair_settings", "t_values", "load_published",
+    "load_published_table2", "build_table1", "table1_frame", "render_table1_md",
+    "render_table1_tex", "table1_caption", "build_table2", "render_table2_md",
+    "render_table2_tex", "delta_findings", "per_seed_tables", "PUBLISHED_METHODS",
+    "REFERENCE_DIR", "DAGGER",
 ]
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "reports" / "reference"
 PUBLISHED_METHODS = ("QCFS", "NQ")   # published rows shown next to the measured ones
 DELTA_METHOD, BASE_METHOD = "NQ", "QCFS"
-# settings that define a fair NQ-vs-QCFS pair besides (dataset, arch, seed)
-PAIR_SETTINGS = [s for s in SETTINGS if s not in _RELEVANT]
+DELTA_LABEL = f"Δ {DELTA_METHOD} − {BASE_METHOD}"
+DAGGER = "†"
 
 
 # --------------------------------------------------------------------------- stats
-class Stat(NamedTuple):
-    mean: float
-    std: float      # nan when n == 1
-    n: int
-
-
 def stat_of(values: Iterable[float]) -> Stat | None:
-    vals = [float(v) for v in values if v is not None and not pd.isna(v)]
-    if not vals:
-        return None
-    n = len(vals)
-    mean = sum(vals) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else float("nan")
-    return Stat(mean, std, n)
+    """Mean, sample std and n (see :func:`stats.summary`)."""
+    return summary(values)
 
 
-def fmt_stat(s: Stat | None, fmt: str = "md", signed: bool = False, with_n: bool | None = None) -> str:
+def fmt_stat(s: Stat | Paired | None, fmt: str = "md", signed: bool = False,
+             with_n: bool | None = None) -> str:
     """``90.50 ± 0.71 (n=2)`` (md) / ``90.50 $\\pm$ 0.71`` (tex); plain value when n == 1."""
     if s is None or pd.isna(s.mean):
         return NA if fmt == "md" else "--"
@@ -69,7 +68,8 @@ _TEX_SPECIAL = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
     "±": r"$\pm$", "δ": r"$\delta$", "τ": r"$\tau$", "λ": r"$\lambda$", "Δ": r"$\Delta$",
-    "−": r"$-$", "—": "--", "–": "--", "≤": r"$\leq$", "≥": r"$\geq$",
+    "−": r"$-$", "—": "--", "–": "--", "≤": r"$\leq$", "≥": r"$\geq$", "†": r"$^\dagger$",
+    "“": "``", "”": "''", "≈": r"$\approx$", "×": r"$\times$", "<": r"$<$", ">": r"$>$",
 }
 
 
@@ -77,9 +77,39 @@ def latex_escape(text: str) -> str:
     return "".join(_TEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
+def _setting_columns(runs: pd.DataFrame) -> list[str]:
+    return [c for c in runs.columns if is_setting_column(c)]
+
+
 def varying_settings(runs: pd.DataFrame) -> list[str]:
-    """Settings with more than one (non-masked) value among the runs."""
-    return [s for s in SETTINGS if s in runs.columns and runs.loc[runs[s] != NA, s].nunique() > 1]
+    """Settings that take more than one value among the runs: row keys of the tables.
+
+    A setting that applies to every method (``relevant_methods`` is None) varies
+    if its values differ anywhere; one that applies to some methods only varies
+    if it differs among the runs of one of those methods (it is masked, "—",
+    for the others).  A missing value counts as a value of its own.
+    """
+    out = []
+    for s in _setting_columns(runs):
+        vals = runs[s].astype(object).where(runs[s].notna(), NA)
+        if relevant_methods(s) is None:
+            varies = vals.nunique(dropna=False) > 1
+        else:
+            varies = bool((vals.groupby(runs["method"]).nunique(dropna=False) > 1).any()) \
+                if "method" in runs.columns else vals.nunique(dropna=False) > 1
+        if varies:
+            out.append(s)
+    return out
+
+
+def pair_settings(settings: list[str]) -> list[str]:
+    """The settings an NQ − QCFS pair must share (those that apply to both methods)."""
+    out = []
+    for s in settings:
+        rel = relevant_methods(s)
+        if rel is None or (DELTA_METHOD in rel and BASE_METHOD in rel):
+            out.append(s)
+    return out
 
 
 def t_values(runs: pd.DataFrame) -> list[int]:
@@ -109,8 +139,11 @@ class Row:
     method: str                       # display label
     kind: str                         # "measured" | "delta" | "published"
     settings: dict[str, str]
-    cells: dict[str, Stat | None]     # column ("ANN", "T=1", ...) -> Stat
+    cells: dict[str, Stat | Paired | None]   # column ("ANN", "T=1", ...) -> statistic
     bold: set[str] = field(default_factory=set)
+    published_delta: dict[str, float] = field(default_factory=dict)  # Δ rows: the paper's Δ
+    per_seed: pd.DataFrame | None = None     # Δ rows: per-seed differences (display columns)
+    dup_seeds: bool = False           # measured rows: several runs of one seed were averaged
 
     @property
     def n(self) -> int | None:
@@ -125,11 +158,14 @@ class Block:
     setting_cols: list[str]
     value_cols: list[str]             # "ANN", "T=1", ...
     rows: list[Row]
+    protocol: str = ""                # "Protocol differences from the paper: ..."
+    notes: list[str] = field(default_factory=list)
 
 
-def _value_map(ts: list[int]) -> dict[str, str]:
+def _value_map(ts: list[int], noisy: bool = False) -> dict[str, str]:
     """Display column -> tidy column."""
-    return {"ANN": "ann", **{f"T={t}": f"T{t}" for t in ts}}
+    extra = {protocol.NOISY_ANN_COLUMN: "ann_noisy"} if noisy else {}
+    return {"ANN": "ann", **extra, **{f"T={t}": f"T{t}" for t in ts}}
 
 
 def _group_key_order(keys: tuple, cols: list[str]) -> tuple:
@@ -144,61 +180,131 @@ def _group_key_order(keys: tuple, cols: list[str]) -> tuple:
     return tuple(out)
 
 
-def _delta_rows(ds_runs: pd.DataFrame, arch: str, settings_cols: list[str],
-                vmap: dict[str, str]) -> list[Row]:
-    """NQ minus QCFS, paired by (dataset, arch, seed, L/lam_init/epochs)."""
-    runs = ds_runs[ds_runs["arch"] == arch]
-    nq = runs[runs["method"] == DELTA_METHOD]
-    base = runs[runs["method"] == BASE_METHOD]
+def _groups(frame: pd.DataFrame, cols: list[str]) -> list[tuple[tuple, pd.DataFrame]]:
+    """groupby over ``cols`` (tuple keys, sorted by method and setting order)."""
+    if not cols:
+        return [((), frame)]
+    out = [(k if isinstance(k, tuple) else (k,), g)
+           for k, g in frame.groupby(cols, dropna=False, sort=False)]
+    return sorted(out, key=lambda kv: _group_key_order(kv[0], cols))
+
+
+def _per_seed(grp: pd.DataFrame, on: list[str], vcols: list[str]) -> pd.DataFrame:
+    """One row per seed (and ``on``): runs of the same seed are averaged."""
+    cols = [c for c in vcols if c in grp.columns]
+    per = grp.groupby(["seed"] + on, dropna=False)[cols].mean()
+    return per.reindex(columns=vcols)
+
+
+def _has_values(runs: pd.DataFrame, col: str) -> bool:
+    return col in runs.columns and bool(pd.to_numeric(runs[col], errors="coerce").notna().any())
+
+
+def _published_row(pub: pd.DataFrame, method: str) -> pd.Series | None:
+    sub = pub[pub["method"] == method]
+    return None if sub.empty else sub.iloc[0]
+
+
+def _delta_rows(a_runs: pd.DataFrame, arch: str, settings_cols: list[str],
+                vmap: dict[str, str], pub: pd.DataFrame | None) -> tuple[list[Row], list[str]]:
+    """NQ minus QCFS per seed within the same (dataset, arch, shared varying settings)."""
+    nq = a_runs[a_runs["method"] == DELTA_METHOD]
+    base = a_runs[a_runs["method"] == BASE_METHOD]
     if nq.empty or base.empty:
-        return []
-    pair_on = ["seed"] + [s for s in PAIR_SETTINGS if s in runs.columns]
+        return [], []
+    pair_on = pair_settings(settings_cols)
     vcols = list(vmap.values())
-    base_mean = base.groupby(pair_on, dropna=False)[vcols].mean()
-    rows = []
-    for gkey, grp in nq.groupby(settings_cols, dropna=False, sort=False) if settings_cols \
-            else [((), nq)]:
-        gkey = gkey if isinstance(gkey, tuple) else (gkey,)
-        mine = grp.groupby(pair_on, dropna=False)[vcols].mean()
-        common = mine.index.intersection(base_mean.index)
+    base_seed = _per_seed(base, pair_on, vcols)
+    pub_delta: dict[str, float] = {}
+    if pub is not None and not pub.empty:
+        p_nq, p_base = _published_row(pub, DELTA_METHOD), _published_row(pub, BASE_METHOD)
+        if p_nq is not None and p_base is not None:
+            for disp, col in vmap.items():
+                a, b = p_nq.get(col, float("nan")), p_base.get(col, float("nan"))
+                if not (pd.isna(a) or pd.isna(b)):
+                    pub_delta[disp] = float(a) - float(b)
+    rows, notes = [], []
+    for gkey, grp in _groups(nq, settings_cols):
+        settings = dict(zip(settings_cols, gkey))
+        mine = _per_seed(grp, pair_on, vcols)
+        common = mine.index.intersection(base_seed.index)
+        where = ", ".join(f"{setting_label(k)}={v}" for k, v in settings.items())
+        label = f"{arch_label(arch)}{f' ({where})' if where else ''}"
         if len(common) == 0:
+            notes.append(f"No Δ row for {label}: no QCFS run has the same seed and shared "
+                         "settings as the NQ runs.")
             continue
-        diff = mine.loc[common] - base_mean.loc[common]
-        cells = {disp: stat_of(diff[col]) for disp, col in vmap.items()}
-        rows.append(Row(arch=arch, method=f"Δ {DELTA_METHOD} − {BASE_METHOD}", kind="delta",
-                        settings=dict(zip(settings_cols, gkey)), cells=cells))
-    return rows
+        partners = base_seed
+        if pair_on:   # the QCFS runs that share this NQ group's settings
+            key = tuple(settings[s] for s in pair_on)
+            partners = base_seed[[tuple(i[1:]) == key for i in base_seed.index]]
+        if len(common) < max(len(mine), len(partners)):
+            lone_nq = sorted({_seed_of(i) for i in mine.index.difference(common)},
+                             key=setting_sort_key)
+            lone_q = sorted({_seed_of(i) for i in partners.index.difference(common)},
+                            key=setting_sort_key)
+            notes.append(f"Δ {label}: {len(common)} seed pairs; unpaired seeds left out of "
+                         f"the Δ: NQ {', '.join(lone_nq) or 'none'}; QCFS "
+                         f"{', '.join(lone_q) or 'none'}.")
+        a, b = mine.loc[common], base_seed.loc[common]
+        cells = {disp: paired_stats(a[col].to_numpy(dtype=float), b[col].to_numpy(dtype=float))
+                 for disp, col in vmap.items()}
+        adj = holm([c.p if c is not None else None for c in cells.values()])
+        cells = {k: (None if c is None else _with(c, p_holm=q))
+                 for (k, c), q in zip(cells.items(), adj)}
+        diff = (a - b).rename(columns={col: disp for disp, col in vmap.items()})
+        diff.index = [_seed_of(i) for i in diff.index]
+        diff.index.name = "seed"
+        rows.append(Row(arch=arch, method=DELTA_LABEL, kind="delta", settings=settings,
+                        cells=cells, published_delta=pub_delta, per_seed=diff))
+    return rows, notes
+
+
+def _seed_of(index_value) -> str:
+    return str(index_value[0] if isinstance(index_value, tuple) else index_value)
+
+
+def _with(p: Paired, **changes) -> Paired:
+    from dataclasses import replace
+    return replace(p, **changes)
 
 
 def build_table1(runs: pd.DataFrame, published: pd.DataFrame | None = None,
                  published_methods: Iterable[str] = PUBLISHED_METHODS) -> list[Block]:
     """One Block per dataset; measured rows, Δ rows and published rows per arch."""
-    settings_cols = varying_settings(runs)
-    ts = t_values(runs)
-    vmap = _value_map(ts)
     published_methods = list(published_methods)
     blocks = []
     for ds in sorted(runs["dataset"].unique()):
         ds_runs = runs[runs["dataset"] == ds]
+        settings_cols = varying_settings(ds_runs)
+        vmap = _value_map(t_values(ds_runs), noisy=_has_values(ds_runs, "ann_noisy"))
+        vcols = list(vmap.values())
         key = str(ds_runs["dataset_key"].iloc[0])
         rows: list[Row] = []
+        notes: list[str] = []
+        dup: list[str] = []
         for arch in sorted(ds_runs["arch"].unique(), key=arch_order):
             a_runs = ds_runs[ds_runs["arch"] == arch]
             gcols = ["method"] + settings_cols
-            groups = sorted(a_runs.groupby(gcols, dropna=False, sort=False),
-                            key=lambda kv: _group_key_order(
-                                kv[0] if isinstance(kv[0], tuple) else (kv[0],), gcols))
             measured = []
-            for gkey, grp in groups:
-                gkey = gkey if isinstance(gkey, tuple) else (gkey,)
-                cells = {disp: stat_of(grp[col]) for disp, col in vmap.items()}
-                measured.append(Row(arch=arch, method=str(gkey[0]), kind="measured",
-                                    settings=dict(zip(settings_cols, gkey[1:])), cells=cells))
+            for gkey, grp in _groups(a_runs, gcols):
+                per = _per_seed(grp, [], vcols)
+                cells = {disp: stat_of(per[col]) for disp, col in vmap.items()}
+                row = Row(arch=arch, method=str(gkey[0]), kind="measured",
+                          settings=dict(zip(settings_cols, gkey[1:])), cells=cells,
+                          dup_seeds=len(per) < len(grp))
+                if row.dup_seeds:
+                    dup.append(f"{arch_label(arch)} {row.method}")
+                measured.append(row)
             _mark_best(measured, list(vmap))
             rows += measured
-            rows += _delta_rows(ds_runs, arch, settings_cols, vmap)
+            pub = None
             if published is not None and not published.empty:
                 pub = published[(published["dataset"] == key) & (published["arch"] == arch)]
+            d_rows, d_notes = _delta_rows(a_runs, arch, settings_cols, vmap, pub)
+            rows += d_rows
+            notes += d_notes
+            if pub is not None:
                 for m in sorted(set(pub["method"]) & set(published_methods), key=method_order):
                     prow = pub[pub["method"] == m].iloc[0]
                     cells = {}
@@ -207,8 +313,13 @@ def build_table1(runs: pd.DataFrame, published: pd.DataFrame | None = None,
                         cells[disp] = None if pd.isna(v) else Stat(float(v), float("nan"), 1)
                     rows.append(Row(arch=arch, method=f"{m} (published)", kind="published",
                                     settings={s: NA for s in settings_cols}, cells=cells))
+        if dup:
+            notes.append("Several runs of one seed (differing only in settings that do not "
+                         f"apply to the method) are averaged per seed in: {', '.join(dup)}; "
+                         "n counts seeds.")
         blocks.append(Block(dataset=ds, dataset_key=key, setting_cols=settings_cols,
-                            value_cols=list(vmap), rows=rows))
+                            value_cols=list(vmap), rows=rows,
+                            protocol=protocol.differences_line(ds_runs), notes=notes))
     return blocks
 
 
@@ -225,47 +336,142 @@ def _mark_best(rows: list[Row], cols: list[str]) -> None:
                 r.bold.add(col)
 
 
-def table1_frame(block: Block, fmt: str = "md") -> pd.DataFrame:
-    """Block -> DataFrame of display strings (``fmt`` = "md" or "tex")."""
+# sub-rows under every Δ row: (key, markdown label, LaTeX label)
+_SUB_ROWS = [
+    ("ci_t", "↳ 95% CI (t)", r"\quad 95\% CI ($t$)"),
+    ("ci_boot", "↳ 95% CI (bootstrap)", r"\quad 95\% CI (bootstrap)"),
+    ("p", "↳ p (paired t)", r"\quad $p$ (paired $t$)"),
+    ("p_holm", "↳ p (Holm)", r"\quad $p$ (Holm)"),
+]
+N_TOO_SMALL = "n too small"
+
+
+def _sub_row_cells(row: Row) -> list[tuple[str, str, str, dict[str, str]]]:
+    """The statistics rows shown under a Δ row: (key, md label, tex label, cells)."""
+    cells = row.cells
+    ns = [c.n for c in cells.values() if c is not None]
+    n_p = sum(1 for c in cells.values() if c is not None and c.p is not None)
+    out = []
+    for key, md_label, tex_label in _SUB_ROWS:
+        if key == "ci_t" and not any(n >= MIN_N_TEST for n in ns):
+            continue        # n < 3 everywhere: the p row says "n too small"
+        if key == "ci_boot" and not any(n >= MIN_N_BOOT for n in ns):
+            continue
+        if key == "p_holm" and n_p < 2:
+            continue
+        vals = {}
+        for col, c in cells.items():
+            if c is None:
+                vals[col] = NA
+            elif key == "ci_t":
+                vals[col] = fmt_ci(c.ci_t) if c.ci_t else (c.note or NA)
+            elif key == "ci_boot":
+                vals[col] = (fmt_ci(c.ci_boot) if c.ci_boot else
+                             f"n < {MIN_N_BOOT}" if c.n < MIN_N_BOOT else c.note or NA)
+            elif key == "p":
+                vals[col] = fmt_p(c.p, c.note)
+            else:
+                vals[col] = fmt_p(c.p_holm, c.note)
+        out.append((key, md_label, tex_label, vals))
+    return out
+
+
+def _tex_value(text: str) -> str:
+    if text == NA:
+        return "--"
+    return latex_escape(text.replace("-", "−"))
+
+
+def _display_rows(block: Block, fmt: str) -> list[tuple[Row, dict]]:
+    """(source row, record) for every displayed line, Δ statistics rows included."""
     tex = fmt == "tex"
-    records = []
+    esc = latex_escape if tex else (lambda x: x)
+    out = []
     for r in block.rows:
-        rec = {"Arch": arch_label(r.arch), "Method": r.method}
+        rec = {"Arch": esc(arch_label(r.arch)), "Method": esc(r.method)}
         for s in block.setting_cols:
-            rec[SETTING_LABELS[s]] = r.settings.get(s, NA)
+            rec[esc(setting_label(s))] = esc(r.settings.get(s, NA))
         if tex:
             rec["n"] = "" if r.n is None else str(r.n)
         for col in block.value_cols:
-            text = fmt_stat(r.cells.get(col), fmt, signed=r.kind == "delta")
+            c = r.cells.get(col)
+            text = fmt_stat(c, fmt, signed=r.kind == "delta")
+            if r.kind == "delta" and isinstance(c, Paired) and c.significant:
+                text += r"$^\dagger$" if tex else f" {DAGGER}"
             if col in r.bold:
                 text = f"\\textbf{{{text}}}" if tex else f"**{text}**"
-            rec[col] = text
-        records.append(rec)
-    cols = (["Arch", "Method"] + [SETTING_LABELS[s] for s in block.setting_cols]
-            + (["n"] if tex else []) + block.value_cols)
-    df = pd.DataFrame.from_records(records, columns=cols)
-    if tex:  # escape text columns; value cells are already LaTeX
-        for c in cols[: len(cols) - len(block.value_cols)]:
-            df[c] = df[c].map(latex_escape)
-        df.columns = [latex_escape(c) if c not in block.value_cols
-                      else (f"${c}$" if c.startswith("T=") else c) for c in cols]
-    return df
+            rec[_col_name(col, tex)] = text
+        out.append((r, rec))
+        if r.kind != "delta":
+            continue
+        for _key, md_label, tex_label, vals in _sub_row_cells(r):
+            sub = {"Arch": "", "Method": tex_label if tex else md_label}
+            for s in block.setting_cols:
+                sub[esc(setting_label(s))] = ""
+            if tex:
+                sub["n"] = ""
+            for col in block.value_cols:
+                sub[_col_name(col, tex)] = _tex_value(vals[col]) if tex else vals[col]
+            out.append((r, sub))
+    return out
+
+
+def _col_name(col: str, tex: bool) -> str:
+    if not tex:
+        return col
+    return f"${col}$" if col.startswith("T=") else latex_escape(col)
+
+
+def table1_frame(block: Block, fmt: str = "md") -> pd.DataFrame:
+    """Block -> DataFrame of display strings (``fmt`` = "md" or "tex")."""
+    tex = fmt == "tex"
+    esc = latex_escape if tex else (lambda x: x)
+    cols = (["Arch", "Method"] + [esc(setting_label(s)) for s in block.setting_cols]
+            + (["n"] if tex else []) + [_col_name(c, tex) for c in block.value_cols])
+    return pd.DataFrame.from_records([rec for _, rec in _display_rows(block, fmt)], columns=cols)
 
 
 def _md(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, disable_numparse=True)
 
 
+def table1_caption(noisy: bool = False) -> str:
+    """What Table 1 shows (markdown; the LaTeX caption is a shorter version)."""
+    conf = f"{CONFIDENCE:.0%}"
+    noisy_txt = (f"{protocol.NOISY_ANN_COLUMN}: the NQ ANN's test accuracy with its training "
+                 "noise switched on, as the NQ authors measured their ANN (the ANN column is "
+                 "noise-off); QCFS has no noise, so this column has no Δ. ") if noisy else ""
+    return (
+        "SNN test accuracy (%) after conversion, by number of time steps T. Mean ± sample "
+        "std over seeds; n = number of seeds (a value without ± is a single seed). Rows are "
+        "keyed by method and by every setting that varies among the reported runs. "
+        "Bold: highest measured mean per architecture and column — a description, not a "
+        "test; whether NQ and QCFS differ is in the Δ rows. " + noisy_txt +
+        f"Δ: NQ − QCFS paired by seed (same dataset, architecture and every varying setting "
+        "that applies to both methods), mean ± std of the per-seed differences. "
+        "Under each Δ row: p (paired t) = two-sided paired t-test (`scipy.stats.ttest_rel`), "
+        "not adjusted for the several columns; p (Holm) = Holm-adjusted across the columns of "
+        f"that Δ row; {conf} CI (t) = t-based interval of the mean difference; {conf} CI "
+        f"(bootstrap) = BCa bootstrap over the seed pairs ({N_BOOT:,} resamples, fixed seed), "
+        f"given from n ≥ {MIN_N_BOOT}. {DAGGER} = the {conf} t-based CI excludes 0 "
+        "(p < 0.05, unadjusted). "
+        f"With n < {MIN_N_TEST} pairs no CI or p-value is given (“{N_TOO_SMALL}”): from 2 "
+        "pairs the t interval is the mean ± 9.0 std of the differences (t = 12.71 with 1 "
+        "degree of freedom, over √2) and excludes almost nothing. "
+        "Published rows are the NQ paper's Table 1 and are never bold.")
+
+
 def render_table1_md(blocks: list[Block], title: str | None = "Table 1", level: int = 2) -> str:
     """Markdown Table 1; one ``level``-deep heading per dataset block."""
     parts = [f"# {title}\n"] if title else []
-    parts.append("SNN test accuracy (%) after conversion, by number of time steps T. "
-                 "Mean ± sample std over seeds (n = seeds). Bold: best measured mean per "
-                 "architecture and column. Δ: NQ − QCFS paired by seed (same dataset, "
-                 "architecture and L). Published rows are the NQ paper's Table 1.\n")
+    parts.append(table1_caption(any(protocol.NOISY_ANN_COLUMN in b.value_cols
+                                    for b in blocks)) + "\n")
     for b in blocks:
         parts.append(f"{'#' * level} {b.dataset}\n")
+        if b.protocol:
+            parts.append(b.protocol + "\n")
         parts.append(_md(table1_frame(b, "md")) + "\n")
+        parts += [f"Note: {n}\n" for n in b.notes]
     return "\n".join(parts)
 
 
@@ -288,14 +494,140 @@ def _styler_latex(df: pd.DataFrame, n_text_cols: int, caption: str, label: str,
 
 def render_table1_tex(blocks: list[Block]) -> str:
     parts = ["% Table 1 -- generated by `harness report`; needs \\usepackage{booktabs}\n"]
+    conf = f"{CONFIDENCE:.0%}"
     for b in blocks:
+        shown = _display_rows(b, "tex")
         df = table1_frame(b, "tex")
-        starts = [i for i, r in enumerate(b.rows) if i == 0 or r.arch != b.rows[i - 1].arch]
+        starts = [i for i, (r, _) in enumerate(shown) if i == 0 or r.arch != shown[i - 1][0].arch]
+        caption = (f"SNN test accuracy (%) on {b.dataset} vs. time steps T (mean ± std over "
+                   f"seeds, n = seeds). Δ: NQ − QCFS paired by seed; p: two-sided paired "
+                   f"t-test, unadjusted; p (Holm): adjusted across the columns of the Δ row; "
+                   f"{DAGGER}: {conf} t-based CI excludes 0; {N_TOO_SMALL}: fewer than "
+                   f"{MIN_N_TEST} pairs, no CI or p-value. Bold: highest measured mean "
+                   f"(descriptive). {b.protocol}")
         parts.append(_styler_latex(
-            df, n_text_cols=df.shape[1] - len(b.value_cols),
-            caption=latex_escape(f"SNN test accuracy (%) on {b.dataset} vs. time steps T "
-                                 "(mean ± std over seeds)."),
+            df, n_text_cols=df.shape[1] - len(b.value_cols), caption=latex_escape(caption),
             label=f"tab:acc-{b.dataset_key}", group_starts=starts))
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------- generated prose
+def _where(b: Block, r: Row) -> str:
+    extra = ", ".join(f"{setting_label(k)}={v}" for k, v in r.settings.items() if v != NA)
+    return f"{b.dataset}, {arch_label(r.arch)}" + (f" ({extra})" if extra else "")
+
+
+def _p_eq(p: float) -> str:
+    text = fmt_p(p)
+    return f"p {text}" if text.startswith("<") else f"p = {text}"
+
+
+def delta_findings(blocks: list[Block]) -> list[str]:
+    """One markdown bullet per Δ row, in words that never go beyond the test.
+
+    A difference is called "significant at 95%" only when its t-based 95% CI
+    excludes 0; every other one is "not significant (p = …, n = …)" or "not
+    tested (n too small, n = …)".
+    """
+    conf = f"{CONFIDENCE:.0%}"
+    out = []
+    for b in blocks:
+        for r in b.rows:
+            if r.kind != "delta":
+                continue
+            cells = [(col, c) for col, c in r.cells.items() if c is not None]
+            sig = [(col, c) for col, c in cells if c.significant]
+            nonsig = [(col, c) for col, c in cells if c.p is not None and not c.significant]
+            untested = [(col, c) for col, c in cells if c.p is None]
+            parts = []
+            if sig:
+                holm_ok = [col for col, c in sig if c.significant_holm]
+                parts.append(
+                    f"significant at {conf} (t-based CI excludes 0): " + "; ".join(
+                        f"{col} {c.mean:+.2f} {fmt_ci(c.ci_t)} ({_p_eq(c.p)}, n = {c.n})"
+                        for col, c in sig)
+                    + (f"; after Holm correction across the row's columns still significant "
+                       f"at: {', '.join(holm_ok)}" if holm_ok else
+                       "; none of these stays significant after Holm correction across the "
+                       "row's columns"))
+            if nonsig:
+                parts.append("not significant: " + "; ".join(
+                    f"{col} {c.mean:+.2f} ({_p_eq(c.p)}, n = {c.n})" for col, c in nonsig))
+            if untested:
+                by_note: dict[str, list[str]] = {}
+                for col, c in untested:
+                    by_note.setdefault(c.note or "no test", []).append(
+                        f"{col} {c.mean:+.2f} (n = {c.n})")
+                for note, items in by_note.items():
+                    why = (f"{N_TOO_SMALL}, fewer than {MIN_N_TEST} seed pairs"
+                           if note == N_TOO_SMALL else
+                           "all per-seed differences are equal, no t statistic"
+                           if note == "zero spread" else note)
+                    parts.append(f"not tested ({why}), so no difference is claimed: "
+                                 + "; ".join(items))
+            pub = []
+            inside = [col for col, c in cells
+                      if c.ci_t is not None and col in r.published_delta
+                      and c.ci_t[0] <= r.published_delta[col] <= c.ci_t[1]]
+            outside = [col for col, c in cells
+                       if c.ci_t is not None and col in r.published_delta and col not in inside]
+            if inside:
+                pub.append(f"inside the {conf} t-based CI at {', '.join(inside)}")
+            if outside:
+                pub.append(f"outside it at {', '.join(outside)}")
+            text = f"- **{_where(b, r)}**, NQ − QCFS in points: " + ". ".join(
+                p[0].upper() + p[1:] for p in parts) + "."
+            if pub:
+                text += " The paper's NQ − QCFS lies " + "; ".join(pub) + "."
+            out.append(text)
+    return out
+
+
+# ------------------------------------------------------------------- per-seed appendix
+def per_seed_tables(runs: pd.DataFrame, blocks: list[Block]) -> str:
+    """Markdown: one row per finished trial, then the per-seed Δ of every Δ row."""
+    parts = []
+    for b in blocks:
+        ds_runs = runs[runs["dataset"] == b.dataset]
+        vmap = _value_map(t_values(ds_runs), noisy=_has_values(ds_runs, "ann_noisy"))
+        recs = []
+        counts = "class_counts" in ds_runs.columns and ds_runs.loc[
+            ds_runs["class_counts"] != NA, "class_counts"].nunique() > 1
+        for _, r in ds_runs.iterrows():
+            rec = {"Arch": arch_label(r["arch"]), "Method": r["method"]}
+            for s in b.setting_cols:
+                rec[setting_label(s)] = r[s]
+            rec["Seed"] = r["seed"]
+            rec["Trial"] = r["trial"]
+            for disp, col in vmap.items():
+                v = r.get(col, float("nan"))
+                rec[disp] = NA if pd.isna(v) else f"{float(v):.2f}"
+            be = r.get("best_epoch", float("nan"))
+            rec["Best epoch"] = NA if pd.isna(be) else f"{int(be)}"
+            if counts:
+                rec["Calib. class counts"] = r["class_counts"]
+            rec["Run"] = str(r["run_id"])[:8]
+            recs.append(rec)
+        parts.append(f"### {b.dataset}: every finished trial\n")
+        parts.append(_md(pd.DataFrame.from_records(recs)) + "\n")
+        d_recs = []
+        for row in b.rows:
+            if row.kind != "delta" or row.per_seed is None:
+                continue
+            for seed, vals in row.per_seed.iterrows():
+                rec = {"Arch": arch_label(row.arch)}
+                for s in b.setting_cols:
+                    rec[setting_label(s)] = row.settings.get(s, NA)
+                rec["Seed"] = seed
+                for col in b.value_cols:
+                    v = vals.get(col, float("nan"))
+                    rec[col] = NA if pd.isna(v) else f"{float(v):+.2f}"
+                d_recs.append(rec)
+        if d_recs:
+            df = pd.DataFrame.from_records(d_recs)
+            empty = [c for c in b.value_cols if c in df.columns and (df[c] == NA).all()]
+            parts.append(f"### {b.dataset}: {DELTA_LABEL} per seed\n")
+            parts.append(_md(df.drop(columns=empty)) + "\n")
     return "\n".join(parts)
 
 
@@ -323,23 +655,28 @@ def _t2_record(arch: str, method: str, settings: dict[str, str], ann: Stat | Non
 def build_table2(runs: pd.DataFrame, published: pd.DataFrame | None = None,
                  published_methods: Iterable[str] = PUBLISHED_METHODS,
                  fmt: str = "md") -> dict[str, pd.DataFrame]:
-    """dataset label -> frame of (arch, method, settings, ann, best, best_T, reach)."""
-    settings_cols = varying_settings(runs)
-    ts = t_values(runs)
+    """dataset label -> frame of (arch, method, settings, ann, best, best_T, reach).
+
+    Rows are keyed like Table 1 (method and every varying setting of the
+    dataset); a frame's ``attrs`` hold ``dataset_key``, ``n_settings`` and
+    ``protocol`` (the protocol-differences line).
+    """
     out = {}
     for ds in sorted(runs["dataset"].unique()):
         ds_runs = runs[runs["dataset"] == ds]
+        settings_cols = varying_settings(ds_runs)
+        ts = t_values(ds_runs)
+        vcols = ["ann"] + [f"T{t}" for t in ts]
         key = str(ds_runs["dataset_key"].iloc[0])
         recs = []
         gcols = ["method"] + settings_cols
         for arch in sorted(ds_runs["arch"].unique(), key=arch_order):
             a_runs = ds_runs[ds_runs["arch"] == arch]
-            groups = sorted(a_runs.groupby(gcols, dropna=False, sort=False),
-                            key=lambda kv: _group_key_order(kv[0], gcols))
-            for gkey, grp in groups:
-                by_t = {t: stat_of(grp[f"T{t}"]) for t in ts}
+            for gkey, grp in _groups(a_runs, gcols):
+                per = _per_seed(grp, [], vcols)
+                by_t = {t: stat_of(per[f"T{t}"]) for t in ts}
                 recs.append(_t2_record(arch, gkey[0], dict(zip(settings_cols, gkey[1:])),
-                                       stat_of(grp["ann"]), by_t, fmt))
+                                       stat_of(per["ann"]), by_t, fmt))
             if published is None or published.empty:
                 continue
             pub = published[(published["dataset"] == key) & (published["arch"] == arch)]
@@ -353,10 +690,11 @@ def build_table2(runs: pd.DataFrame, published: pd.DataFrame | None = None,
         df = pd.DataFrame.from_records(recs)
         df["arch"] = df["arch"].map(arch_label)
         out[ds] = df.rename(columns={
-            "arch": "Arch", "method": "Method", **{s: SETTING_LABELS[s] for s in settings_cols},
+            "arch": "Arch", "method": "Method", **{s: setting_label(s) for s in settings_cols},
             "ann": "ANN", "best": f"Best SNN (T ≤ {LOW_T})", "best_T": "at",
             "reach": f"First T with SNN ≥ ANN − {TOLERANCE:g}"})
-        out[ds].attrs["dataset_key"] = key
+        out[ds].attrs.update(dataset_key=key, n_settings=len(settings_cols),
+                             protocol=protocol.differences_line(ds_runs))
     return out
 
 
@@ -378,6 +716,8 @@ def render_table2_md(tables: dict[str, pd.DataFrame], pub2: pd.DataFrame | None 
              "(— if none of the evaluated T).\n"]
     for ds, df in tables.items():
         parts.append(f"## {ds}\n")
+        if df.attrs.get("protocol"):
+            parts.append(df.attrs["protocol"] + "\n")
         parts.append(_md(df) + "\n")
         other = _other_methods(pub2, df.attrs.get("dataset_key", ""))
         if other is not None:
@@ -391,13 +731,13 @@ def render_table2_tex(tables: dict[str, pd.DataFrame]) -> str:
     for ds, df in tables.items():
         tdf = df.map(latex_escape)
         tdf.columns = [latex_escape(c) for c in df.columns]
-        n_text = 2 + sum(1 for c in df.columns if c not in ("Arch", "Method") and c in
-                         SETTING_LABELS.values())
+        n_text = 2 + int(df.attrs.get("n_settings", 0))
         arch = list(df["Arch"])
         starts = [i for i in range(len(arch)) if i == 0 or arch[i] != arch[i - 1]]
         parts.append(_styler_latex(
             tdf, n_text_cols=n_text,
             caption=latex_escape(f"Low-latency summary on {ds}: best SNN accuracy (%) at "
-                                 f"T ≤ {LOW_T} and first T within {TOLERANCE:g} point of the ANN."),
+                                 f"T ≤ {LOW_T} and first T within {TOLERANCE:g} point of the "
+                                 f"ANN (mean ± std over seeds). {df.attrs.get('protocol', '')}"),
             label=f"tab:lowT-{df.attrs.get('dataset_key', 'ds')}", group_starts=starts))
     return "\n".join(parts)
