@@ -5,7 +5,7 @@
 No full epoch is trained: the time of a few training steps at batch 128 (with data
 loading and augmentation, as in `harness.train.run`) is measured and extrapolated to
 the epoch's number of steps. Calibration is what `run` does after every epoch:
-`LocalCalibrator(calibration_images(data, cfg)).calibrate(model, tau=4)`, i.e.
+`LocalCalibrator(CalibrationSet.from_dataset(data, cfg)).calibrate(model, tau=4)`, i.e.
 `residual_error` on the calibration images. Both are measured interleaved.
 """
 from __future__ import annotations
@@ -52,8 +52,7 @@ def _config(quick: bool, calib_samples: int | None):
 def run(quick: bool, threads: int, reps: int = DEFAULT_REPS) -> str:
     import harness
     from harness.calibration import LocalCalibrator, set_deltas
-    from harness.data import Loader, load_dataset
-    from harness.train import calibration_images
+    from harness.data import CalibrationSet, Loader, load_dataset
 
     set_threads(threads)
     spec = QUICK if quick else FULL
@@ -64,6 +63,7 @@ def run(quick: bool, threads: int, reps: int = DEFAULT_REPS) -> str:
                        "or `$HARNESS_CIFAR10_JPEG`) is not on this machine.")
     t0 = time.perf_counter()
     data = load_dataset(cfg.data, cfg.train.seed)
+    cfg = cfg.resolved(data.image_size)
     torch.manual_seed(0)
     model = harness.create_model("resnet20", num_classes=data.num_classes, L=cfg.model.L,
                                  lam_init=cfg.model.lam_init, in_chans=data.in_chans)
@@ -96,11 +96,12 @@ def run(quick: bool, threads: int, reps: int = DEFAULT_REPS) -> str:
     fns = {"train": train_steps}
     labels = {}
     for cs in spec["calib"]:
-        c = _config(quick, cs)
-        cal = LocalCalibrator(calibration_images(data, c), c.data.eval_batch_size)
+        c = _config(quick, cs).resolved(data.image_size)
+        cal = LocalCalibrator(CalibrationSet.from_dataset(data, c), c.data.eval_batch_size)
         key = f"calib {cs}"
-        labels[key] = (f"val_fraction 0.1 (whole validation split, {len(cal.images):,} images)" if cs is None
-                       else f"calib_samples {cs} ({len(cal.images):,} images)", cs)
+        n_images = len(cal.calib_set)
+        labels[key] = (f"val_fraction 0.1 (whole validation split, {n_images:,} images)" if cs is None
+                       else f"calib_samples {cs} (class-stratified, {n_images:,} images)", cs)
         fns[key] = (lambda cal=cal: cal.calibrate(model, tau=TAU, epoch=1))  # per-epoch: no histograms
     setup_s = time.perf_counter() - t0
     med = interleaved(fns, reps)

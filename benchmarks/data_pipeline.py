@@ -39,8 +39,7 @@ QUICK = dict(n=2000)
 
 
 def archive_path() -> Path | None:
-    cands = [os.environ.get("HARNESS_CIFAR10_JPEG"), ROOT.parent / "shared/data/cifar10-jpeg.tar.gz",
-             Path("/work/shared/data/cifar10-jpeg.tar.gz")]
+    cands = [os.environ.get("HARNESS_CIFAR10_JPEG"), ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"]
     for c in cands:
         if c and Path(c).is_file():
             return Path(c)

@@ -47,8 +47,8 @@ def run(quick: bool = False, threads: int = 2, calib_calls: int = 10) -> str:
 
     import torch
 
-    from harness.sweep import load_space
-    from harness.train import make_calibrator, run
+    from harness.space import load_space
+    from harness.train import run
 
     s = load_space(space_file)
     rows: list[tuple[str, str]] = []
@@ -68,28 +68,30 @@ def run(quick: bool = False, threads: int = 2, calib_calls: int = 10) -> str:
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR")
     t_ray = time.perf_counter() - t0
-    from harness.sweep import main as sweep_main
+    from harness.sweep import SweepOptions, main as sweep_main
     t0 = time.perf_counter()
     with redirect_stdout(io.StringIO()):
-        rc = sweep_main([str(space_file), "--tracking-uri", f"sqlite:///{tmp}/mlflow.db",
-                         "--storage-path", str(tmp / "ray_results")])
+        rc = sweep_main(SweepOptions(str(space_file), tracking_uri=f"sqlite:///{tmp}/mlflow.db",
+                                     storage_path=str(tmp / "ray_results")))
     t_sweep = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"the sweep failed (rc {rc}); see {tmp}")
 
     # 3. calibration per call: actor vs local, same model and split
     from harness.actor import ActorCalibrator, data_key, model_spec, start_actor
-    from harness.data import load_dataset
+    from harness.calibration import LocalCalibrator
+    from harness.data import CalibrationSet, load_dataset
     from harness.models import create_model
     cfg = s.trials[1].cfg
     data = load_dataset(cfg.data, cfg.train.seed)
+    cfg = cfg.resolved(data.image_size)
     model = create_model(cfg.model.arch, num_classes=data.num_classes, L=cfg.model.L,
                          lam_init=cfg.model.lam_init, in_chans=data.in_chans)
     key = data_key(cfg)
     handle, _ = start_actor("harness-calibrator-bench", {key: cfg.to_dict()}, threads=1)
     actor = ActorCalibrator("harness-calibrator-bench", key,
                             model_spec(cfg, data.num_classes, data.in_chans), cfg.data.eval_batch_size)
-    local = make_calibrator(cfg, data)
+    local = LocalCalibrator(CalibrationSet.from_dataset(data, cfg), cfg.data.eval_batch_size)
     timings = {}
     for name, cal in (("local", local), ("actor", actor)):
         cal.calibrate(model, tau=cfg.noise.tau)  # warm-up

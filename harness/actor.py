@@ -17,7 +17,9 @@ import threading
 import time
 from typing import Any, Mapping
 
-DEFAULT_BATCH = 500  # = harness.calibration.DEFAULT_BATCH (not imported: this module stays torch-free)
+# images per calibration pass; the same value as harness.calibration.DEFAULT_BATCH, which
+# is not imported because this module must import without torch
+DEFAULT_BATCH = 500
 
 NAMESPACE = "harness"
 # Data-config keys that do not change the calibration images (augment does, with

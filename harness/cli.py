@@ -1,4 +1,9 @@
-"""`harness train | sweep | report`. Expected failures print one line and exit non-zero."""
+"""`harness train | sweep | report`: the one place that parses argv.
+
+Exit codes: 0 success; 2 bad input of any kind (config, search space, data, paths,
+resources), with one line on stderr; 1 a failure while a run was under way; 130 an
+interrupt (Ctrl-C).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,20 +11,63 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import INTERRUPTED
 
-def _train(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="harness train", description="Train one NQ/QCFS trial and evaluate its SNN.")
-    p.add_argument("--config", help="YAML config (defaults: digits, cnn_small, NQ layerwise)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config key (repeatable), e.g. --set noise.mode=qcfs")
-    p.add_argument("--out", help="output folder (default: runs/<data>-<arch>-<method>-seed<seed>); "
-                                 "an existing checkpoint there is resumed")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    a = p.parse_args(argv)
+
+def _version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("nq-snn-harness")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+        return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness", description="NQ / QCFS training, ANN->SNN conversion, "
+                                "Ray Tune sweeps, MLflow tracking and paper tables.",
+                                epilog="exit codes: 0 ok, 1 a run failed, 2 bad input, 130 interrupted")
+    p.add_argument("--version", action="version", version=f"harness {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="{train,sweep,report}")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train one NQ/QCFS trial and evaluate its SNN",
+                       description="Train one NQ/QCFS trial and evaluate its SNN.")
+    t.add_argument("--config", help="YAML config (defaults: digits, cnn_small, NQ layerwise)")
+    _add_set(t, "override a config key (repeatable), e.g. --set noise.mode=qcfs")
+    t.add_argument("--out", help="output folder (default: runs/<data>-<arch>-<method>-seed<seed>); "
+                                 "an existing checkpoint of the same config there is resumed")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("sweep", help="run a search space of trials on Ray Tune, tracked in MLflow",
+                       description="Run a search space of trials on Ray Tune, tracked in MLflow.")
+    s.add_argument("space", help="search-space YAML (base config + grid + resources)")
+    s.add_argument("--name", help="experiment name (default: the file's `name:` or its stem)")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
+    s.add_argument("--storage-path", help="Ray Tune results folder (default: <cwd>/ray_results)")
+    s.add_argument("--address", help="join an existing Ray cluster (e.g. 'auto'); default: start a local one")
+    s.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep (finished trials are not rerun; failed ones continue)")
+    _add_set(s, "override a key of the base config (repeatable)")
+    s.set_defaults(func=_sweep)
+
+    r = sub.add_parser("report", help="tables and figures for one MLflow experiment (sweep)", add_help=False)
+    r.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    r.set_defaults(func=_report)
+    return p
+
+
+def _add_set(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
+
+
+def _train(a: argparse.Namespace) -> int:
     from .config import load_config
+    from .train import run
+
     cfg = load_config(a.config, a.overrides)
     out = Path(a.out or f"runs/{cfg.data.name}-{cfg.model.arch}-{cfg.method}-seed{cfg.train.seed}")
-    from .train import run
     res = run(cfg, out, progress=not a.quiet)
     accs = "  ".join(f"T={t}: {v:.2f}" for t, v in res["snn_test_acc"].items())
     print(f"{cfg.method} {cfg.model.arch} on {cfg.data.name}: best epoch {res['best_epoch']}, "
@@ -28,28 +76,27 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-def _sweep(argv: list[str]) -> int:
-    from .sweep import main
-    return main(argv)
+def _sweep(a: argparse.Namespace) -> int:
+    from .sweep import SweepOptions, main
+    return main(SweepOptions(a.space, a.name, a.tracking_uri, a.storage_path, a.address, a.resume, a.overrides))
 
 
-def _report(argv: list[str]) -> int:
+def _report(a: argparse.Namespace) -> int:
     from .report.cli import main
-    return main(argv)
-
-
-COMMANDS = {"train": _train, "sweep": _sweep, "report": _report}
+    return main(a.args)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print("usage: harness {train,sweep,report} ... (see harness <command> --help)", file=sys.stderr)
-        return 2
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "harness" / "inductor"))
-    from .errors import INTERRUPTED, HarnessError
+    parser = build_parser()
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        a = parser.parse_args(argv)
+    except SystemExit as e:  # --help / --version: 0; a usage error: 2 (argparse printed it)
+        return int(e.code or 0)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "harness" / "inductor"))
+    from .errors import HarnessError
+    try:
+        return a.func(a)
     except HarnessError as e:
         print(str(e), file=sys.stderr)
         return e.exit_code

@@ -49,14 +49,16 @@ def expected_error(expected: str, field: str | None = None, value: Any = None) -
     return PydanticCustomError(EXPECTED_ERROR, "expected {expected}", ctx)
 
 
-class _Section(BaseModel):
-    # unknown keys are errors; inf / nan are never a valid number here
+class Section(BaseModel):
+    """Base of every config section (also the search space's): unknown keys are errors,
+    inf / nan are never a valid number here."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- schema
 
-class AugmentCfg(_Section):
+class AugmentCfg(Section):
     """Training augmentation. null (the default) = the dataset's own default, resolved
     once the image size is known (see `Config.resolved`)."""
     crop_pad: int | None = Field(None, ge=0)
@@ -65,7 +67,7 @@ class AugmentCfg(_Section):
     autoaugment: bool | None = None
 
 
-class SyntheticCfg(_Section):
+class SyntheticCfg(Section):
     num_train: PosInt = 2000
     num_test: PosInt = 500
     channels: PosInt = 3
@@ -73,7 +75,7 @@ class SyntheticCfg(_Section):
     num_classes: int = Field(10, ge=2)
 
 
-class DataCfg(_Section):
+class DataCfg(Section):
     name: DatasetName = "digits"
     root: str | None = None
     download: bool = False
@@ -93,7 +95,7 @@ class DataCfg(_Section):
 GradFormulation = Literal["nq", "qcfs_iclr"]
 
 
-class ModelCfg(_Section):
+class ModelCfg(Section):
     arch: str = Field("cnn_small", min_length=1)
     L: PosInt = 4
     lam_init: float | None = Field(None, gt=0)  # null: the architecture's default (Config.resolved)
@@ -112,7 +114,7 @@ class ModelCfg(_Section):
         return arch
 
 
-class NoiseCfg(_Section):
+class NoiseCfg(Section):
     mode: Literal["qcfs", "fixed", "layerwise"] = "layerwise"
     delta: float = Field(0.0, ge=0)
     tau: PosInt = 4
@@ -122,7 +124,7 @@ class NoiseCfg(_Section):
     scale: float = Field(1.0, ge=0)
 
 
-class TrainCfg(_Section):
+class TrainCfg(Section):
     epochs: PosInt = 3
     lr: float | None = Field(None, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -141,7 +143,7 @@ class TrainCfg(_Section):
         return self.lr if self.lr is not None else DEFAULT_LR.get(dataset_name, FALLBACK_LR)
 
 
-class EvalCfg(_Section):
+class EvalCfg(Section):
     T: list[PosInt] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], min_length=1)
     select_T: PosInt = 4
     select_on: Literal["val", "test"] = "val"
@@ -159,7 +161,7 @@ class EvalCfg(_Section):
         return self
 
 
-class Config(_Section):
+class Config(Section):
     data: DataCfg = Field(default_factory=DataCfg)
     model: ModelCfg = Field(default_factory=ModelCfg)
     noise: NoiseCfg = Field(default_factory=NoiseCfg)
@@ -246,31 +248,37 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                 base: Mapping[str, Any] | None = None) -> Config:
     """YAML file (None: defaults) over `base`, then `section.key=value` overrides, validated."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    raw = read_yaml(Path(path)) if path is not None else {}
     merged = deep_merge(base or {}, raw)
+    check_unique_overrides(overrides)
     for override in overrides:
         apply_override(merged, override)
     return Config.from_dict(merged)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, what: str = "file") -> dict[str, Any]:
+    """A YAML mapping from `path`; every problem is a one-line ConfigError naming `what`."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"file {str(path)!r} not found") from None
+        raise ConfigError(f"{what} {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {str(path)!r} is a folder (expected a YAML file)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text (expected a YAML file)") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read file {str(path)!r} ({exc.strerror})") from None
+        raise ConfigError(f"cannot read {what} {str(path)!r} ({exc.strerror})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "syntax error"
-        raise ConfigError(f"file {str(path)!r} is not valid YAML{where} ({problem})") from None
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML{where} ({problem})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"file {str(path)!r} must hold a mapping of sections, not a {type(raw).__name__}")
+        raise ConfigError(f"{what} {str(path)!r} must hold a mapping of sections, not a {type(raw).__name__}")
     return raw
 
 
@@ -295,8 +303,36 @@ def apply_override(d: dict[str, Any], override: str, model: type[BaseModel] = Co
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         raise ConfigError(f"override {override!r} (value is not valid YAML)") from None
-    _check_path(model, parts, override)
+    check_dotted_key(".".join(parts), override=override, model=model)
     set_dotted(d, ".".join(parts), value)
+
+
+def check_unique_overrides(overrides: Sequence[str]) -> None:
+    """The same key twice with --set is refused (the last one would win silently)."""
+    keys = [o.partition("=")[0].strip() for o in overrides]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ConfigError(f"--set {dup[0]} is given {keys.count(dup[0])} times (expected each key once)")
+
+
+def check_dotted_key(key: str, where: str = "", override: str | None = None,
+                     model: type[BaseModel] = Config) -> None:
+    """`key` (section.key[.sub]) must name a setting of `model`, or raise a one-line
+    ConfigError. `where` prefixes the key in messages (e.g. "grid"); `override` is the
+    whole `--set` text, quoted when a prefix of the key is not a section."""
+    parts = key.split(".")
+    shown = [where, *parts] if where else parts
+    current: Any = model
+    for i, part in enumerate(parts):
+        if not _is_model(current):
+            head = ".".join(shown[: i + (1 if where else 0)])
+            raise ConfigError(f"override {override!r} ({head} is not a section)" if override
+                              else f"unknown key {'.'.join(shown)} ({head} is not a section)")
+        if part not in current.model_fields:
+            raise ConfigError(_unknown_key(shown[: i + 1 + (1 if where else 0)], current))
+        current = _strip(current.model_fields[part].annotation)[0]
+    if len(parts) < 2:
+        raise ConfigError(f"{'.'.join(shown)} names a whole section (expected section.key)")
 
 
 def _get_dotted(d: Mapping[str, Any], key: str) -> Any:
@@ -315,16 +351,6 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
             node[part] = {}
         node = node[part]
     node[parts[-1]] = value
-
-
-def _check_path(model: type[BaseModel], parts: list[str], override: str) -> None:
-    current: Any = model
-    for i, part in enumerate(parts):
-        if not _is_model(current):
-            raise ConfigError(f"override {override!r} ({'.'.join(parts[:i])} is not a section)")
-        if part not in current.model_fields:
-            raise ConfigError(_unknown_key(parts[: i + 1], current))
-        current = _strip(current.model_fields[part].annotation)[0]
 
 
 # ---------------------------------------------------------------- error messages

@@ -120,22 +120,24 @@ class SpikingNet(nn.Module):
         self.set_record(record)
         B = x.shape[0]
         outs, running, t = [], None, 0
-        while t < T:
-            kk = min(k, T - t)
+        try:
+            while t < T:
+                kk = min(k, T - t)
+                for n in self.neurons:
+                    n.steps = kk
+                xin = x if kk == 1 else x.unsqueeze(0).expand(kk, *x.shape).reshape(kk * B, *x.shape[1:])
+                y = self.net(xin).reshape(kk, B, -1).float()
+                csum = y.cumsum(0)
+                if running is not None:
+                    csum += running
+                running = csum[-1]
+                outs.append(csum)
+                t += kk
+        finally:  # an exception must not leave the neurons in multi-step mode
             for n in self.neurons:
-                n.steps = kk
-            xin = x if kk == 1 else x.unsqueeze(0).expand(kk, *x.shape).reshape(kk * B, *x.shape[1:])
-            y = self.net(xin).reshape(kk, B, -1).float()
-            csum = y.cumsum(0)
-            if running is not None:
-                csum += running
-            running = csum[-1]
-            outs.append(csum)
-            t += kk
+                n.steps = 1
         total = torch.cat(outs)
         steps = torch.arange(1, T + 1, device=total.device, dtype=total.dtype).view(T, 1, 1)
-        for n in self.neurons:
-            n.steps = 1
         return total / steps
 
 

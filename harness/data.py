@@ -29,8 +29,11 @@ from harness.config import AugmentCfg, Config, DataCfg, SyntheticCfg
 from harness.errors import BAD_INPUT, HarnessError
 
 CACHE_VERSION = 1
-DIGITS_TEST_SEED = 12345
-SYNTHETIC_SEED = 20240611
+DIGITS_TEST_SEED = 12345  # the digits test split is fixed: it never depends on a run's seed
+SYNTHETIC_SEED = 20240611  # the synthetic dataset is one fixed dataset
+# epoch e of seed s draws order and augmentation from seed s * stride + e: a prime larger
+# than any epoch count, so (s, e) pairs never share a stream
+EPOCH_SEED_STRIDE = 1_000_003
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
 SPLITS = ("train", "test")
 
@@ -536,7 +539,7 @@ class Loader:
         return len(self.y)
 
     def epoch_batches(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch)
         n = len(self.y)
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         for i in range(len(self)):

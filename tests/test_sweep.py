@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+import faults
 from harness.cli import main as cli_main
-from harness.sweep import SweepError, load_space
+from harness.space import load_space
+from harness.sweep import SweepOptions, run_sweep
 
 TINY = {
     "data": {"name": "digits", "batch_size": 128},
@@ -129,21 +131,30 @@ def check_child(c, run, epochs=EPOCHS):
     return json.loads(Path(c.download_artifacts(run.info.run_id, "result.json")).read_text())
 
 
+def run_space(env, space, trainable=None, resume=False) -> int:
+    import ray.cloudpickle
+
+    import faults
+    ray.cloudpickle.register_pickle_by_value(faults)
+    opts = SweepOptions(str(space), tracking_uri=env["uri"], storage_path=env["storage"], resume=resume)
+    return run_sweep(load_space(space), opts, **({"trainable": trainable} if trainable else {}))
+
+
 @pytest.mark.slow
-def test_sweep_actor_mlflow_and_retried_trial(ray_local, capsys, monkeypatch):
-    """2 trials sharing the calibration actor; trial 1's worker is killed after epoch 2
+def test_sweep_actor_mlflow_and_retried_trial(ray_local, capsys, tmp_path):
+    """2 trials sharing the calibration actor; trial 1's worker is killed after epoch 1
     once: Tune retries it from its epoch-1 checkpoint and it continues its own MLflow run."""
     env = ray_local
     space = write_space(env["root"], "actor2")
-    monkeypatch.setenv("HARNESS_TEST_DIE_TRIAL", "1:2")
-    assert sweep(env, space) == 0
+    assert run_space(env, space, faults.die_once_after(1, 1, str(tmp_path))) == 0
+    assert len(list(tmp_path.glob("died_1_*"))) == 1  # the worker really died once
     out = capsys.readouterr().out
-    assert "harness report --experiment actor2" in out
+    assert "harness report --experiment actor2" in out and "2/2 trials finished" in out
     c, parents, children = runs_of(env, "actor2")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert {a.path for a in c.list_artifacts(parents[0].info.run_id)} >= {"actor2.yaml", "versions.json",
                                                                          "calibration_history.json"}
-    assert len(children) == 2
+    assert len(children) == 2  # the retry continued its own run: no duplicate
     assert sorted(r.data.tags["harness.trial"] for r in children) == ["mode=layerwise", "mode=qcfs"]
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     results = {r.data.tags["harness.trial"]: check_child(c, r) for r in children}
@@ -159,50 +170,38 @@ def test_sweep_actor_mlflow_and_retried_trial(ray_local, capsys, monkeypatch):
             assert h["std"]["end_to_end"] == pytest.approx(rec["residual_std"], abs=1e-12)
             if trial == "mode=layerwise":  # the model's delta buffers are float32
                 assert h["delta"]["end_to_end"] == pytest.approx(rec["delta_next"], rel=1e-6, abs=1e-9)
-    (Path(env["root"]) / "actor_layerwise.json").write_text(json.dumps(results["mode=layerwise"]))
 
     # a second start of the same sweep must say --resume
     capsys.readouterr()
-    monkeypatch.delenv("HARNESS_TEST_DIE_TRIAL")
     err = one_line_error(capsys, ["sweep", str(space), "--tracking-uri", env["uri"],
                                   "--storage-path", env["storage"]], 2)
     assert "--resume" in err
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_local_calibration(ray_local, capsys, monkeypatch):
-    """max_failures=0 and trial 1 killed after epoch 1: the sweep ends with exit 1; --resume
-    finishes trial 1 in its own MLflow run and does not rerun trial 0. Calibration is
-    in-process here; same seeds must give the same deltas as the actor."""
+def test_failed_sweep_is_reported_and_resumes(ray_local, capsys, tmp_path):
+    """failure.max_failures=0 and trial 1 killed after epoch 1: the sweep ends with exit 1
+    and a FAILED parent; --resume finishes trial 1 in its own MLflow run and does not rerun
+    trial 0."""
+    from harness.trainable import work_dir
     env = ray_local
-    space = write_space(env["root"], "resume2", calibration={"mode": "local"})
-    monkeypatch.setenv("HARNESS_SWEEP_MAX_FAILURES", "0")
-    monkeypatch.setenv("HARNESS_TEST_DIE_TRIAL", "1:1")
-    assert sweep(env, space) == 1
+    space = write_space(env["root"], "resume2", calibration={"mode": "local"}, failure={"max_failures": 0})
+    assert run_space(env, space, faults.die_once_after(1, 1, str(tmp_path))) == 1
+    assert "FAILED after" in capsys.readouterr().out
     c, parents, children = runs_of(env, "resume2")
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
     status = {r.data.tags["harness.trial"]: r.info.status for r in children}
     assert status == {"mode=layerwise": "FINISHED", "mode=qcfs": "FAILED"}  # never left RUNNING
-    done = Path(env["storage"]) / "resume2" / "00_mode=layerwise" / "work" / "result.json"
+    done = work_dir({"name": "resume2"}, {"index": 0, "label": "mode=layerwise"}) / "result.json"
     mtime = done.stat().st_mtime_ns
 
-    monkeypatch.delenv("HARNESS_TEST_DIE_TRIAL")
-    capsys.readouterr()
-    assert sweep(env, space, "--resume") == 0
+    assert run_space(env, space, resume=True) == 0
     c, parents, children = runs_of(env, "resume2")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 2
-    results = {r.data.tags["harness.trial"]: check_child(c, r) for r in children}
+    for r in children:
+        check_child(c, r)
     assert done.stat().st_mtime_ns == mtime  # the finished trial was not rerun
-
-    # local vs actor calibration: identical deltas for the same seed and config
-    actor_file = Path(env["root"]) / "actor_layerwise.json"
-    if actor_file.exists():
-        actor = json.loads(actor_file.read_text())
-        local = results["mode=layerwise"]
-        assert local["delta_trained"] == pytest.approx(actor["delta_trained"], abs=1e-6)
-        for a, b in zip(actor["history"], local["history"]):
-            assert b["delta_next"] == pytest.approx(a["delta_next"], abs=1e-6)
 
 
 def test_impossible_resources(ray_local, capsys):

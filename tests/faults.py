@@ -1,0 +1,32 @@
+"""Fault injection for sweep tests: trainables that wrap `harness.trainable.train_trial`.
+
+Ray pickles a trainable into its workers; the tests register this module to be pickled
+by value (`ray.cloudpickle.register_pickle_by_value`), so the workers need not import it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def die_once_after(index: int, epoch: int, marker_dir: str):
+    """A trainable: train_trial, but the worker of trial `index` dies (os._exit) right after
+    epoch `epoch` was reported to Tune, once: a file in `marker_dir` records the death."""
+    from harness.trainable import train_trial
+
+    def trainable(config: dict) -> None:
+        t = config["trial"]
+        marker = Path(marker_dir) / f"died_{t['index']}_{t['label']}"
+        if t["index"] != index or marker.exists():
+            return train_trial(config)
+
+        def die(rec: dict, out: Path) -> None:
+            if rec["epoch"] == epoch:
+                marker.write_text(str(os.getpid()))
+                os._exit(137)
+
+        return train_trial(config, extra_callbacks=[die])
+
+    # Tune identifies a trainable by name; --resume restores it with train_trial itself
+    trainable.__name__ = trainable.__qualname__ = train_trial.__name__
+    return trainable
