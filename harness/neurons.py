@@ -4,11 +4,34 @@ QCFS (Bu et al. 2022, Eq. 6):  a = lam * clip(floor(z*L/lam + 0.5) / L, 0, 1)
 NQ   (Huang et al., Eq. 13):   a = QCFS(z) + delta * N(0, 1)   (training forward only)
 
 The activation is one autograd node with a hand-written backward: floor is
-straight-through, and lam gets exactly the gradient that autograd would give for
-the expression above (as in the QCFS authors' code, with clip's subgradient 1 at
-both ends, as torch.clamp had in torch 1.x), i.e. per element
-    d a / d z   = 1[0 <= u <= 1]
-    d a / d lam = clip(u, 0, 1) - 1[0 <= u <= 1] * z / lam,    u = floor(z*L/lam + 0.5) / L
+straight-through, and z and lam get exactly the gradients that autograd gives for
+one of two op-by-op formulations (`grad=`, see GRAD_FORMULATIONS). Both have the
+same forward values; they differ in where clip sits relative to the floor, and so
+in the window where the gradient passes. Per element, with u = z / lam and
+q = clip(floor(u*L + 0.5) / L, 0, 1) (the forward value divided by lam):
+
+  "nq" (default): the NQ authors' MPLayer (hzp2022/ANN2SNN_NQ), also
+      putshua/ANN_SNN_QCFS: lam * floor(clip(u, 0, 1) * L + 0.5) / L.
+      clip before the floor; window 0 <= u <= 1:
+          d a / d z   = 1[0 <= u <= 1]
+          d a / d lam = q - 1[0 <= u <= 1] * u
+  "qcfs_iclr": putshua/SNN_conversion_QCFS: lam * clip(floor(u*L + 0.5) / L, 0, 1).
+      clip after the floor; with t = floor(u*L + 0.5) the window is 0 <= t <= L,
+      i.e. -1/(2L) <= u < 1 + 1/(2L):
+          d a / d z   = 1[0 <= t <= L]
+          d a / d lam = q - 1[0 <= t <= L] * u
+
+clip's subgradient is 1 on the closed window (both ends included), as torch.clamp
+had in torch 1.x when both codes were written; torch 2.x clamp gives 0 at the
+bounds (1/2 with tensor bounds), so `qcfs_reference` states the rule explicitly.
+
+Precision: lam may have another dtype than z (NQ passes its fp32 parameter as is,
+also under autocast). The forward and d a / d z are in z's dtype: lam is cast to
+z's dtype first; fp16 / bf16 arithmetic is carried out in float32 and rounded once
+at the end (as the fused kernels do anyway, so fused and eager agree). The lam
+gradient is a sum over every element of the activation; it is accumulated in
+float32 (float64 for float64 z), never in fp16 / bf16, where it overflows or loses
+digits, and returned in lam's dtype.
 """
 from __future__ import annotations
 
@@ -17,29 +40,64 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["NQ", "QCFS", "IFNeuron", "qcfs", "qcfs_reference", "if_step"]
+__all__ = ["NQ", "QCFS", "IFNeuron", "qcfs", "qcfs_reference", "if_step", "GRAD_FORMULATIONS"]
+
+# gradient formulations of the activation (module docstring); the first is the default
+GRAD_FORMULATIONS = ("nq", "qcfs_iclr")
+
+
+def check_grad_formulation(grad: str) -> str:
+    """Return `grad` if it names a gradient formulation, else raise ValueError."""
+    if not isinstance(grad, str) or grad not in GRAD_FORMULATIONS:
+        raise ValueError(f"unknown gradient formulation {grad!r}: expected one of "
+                         f"{', '.join(repr(g) for g in GRAD_FORMULATIONS)}")
+    return grad
 
 
 # ---------------------------------------------------------------------------
 # Pure functions. The "kernels" below are written so that torch.compile can fuse
-# each of them into one loop; eager mode runs them as-is (same math).
+# each of them into one loop; eager mode runs them as-is (same math). fp16 / bf16
+# inputs are computed in float32 and the results rounded once (what the fused
+# kernels do anyway; for float32 and float64 inputs `_up` is the identity).
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _q(z: torch.Tensor, lam: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """The quantization level floor(z*L/lam + 0.5) clipped to [0, L] (computed as `_up`)."""
+    return torch.floor(_up(z) * (_up(L) / _up(lam)) + 0.5).clamp_min(0).minimum(_up(L))
+
 
 def _qcfs_fwd(z: torch.Tensor, lam: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    q = torch.floor(z * (L / lam) + 0.5).clamp_min(0).minimum(L)
-    return q * (lam / L)
+    return (_q(z, lam, L) * (_up(lam) / _up(L))).to(z.dtype)
 
 
 def _nq_fwd(z: torch.Tensor, lam: torch.Tensor, delta: torch.Tensor, L: torch.Tensor,
             g: torch.Tensor) -> torch.Tensor:
-    return _qcfs_fwd(z, lam, L) + delta * g
+    return (_q(z, lam, L) * (_up(lam) / _up(L)) + _up(delta) * _up(g)).to(z.dtype)
 
 
-def _qcfs_bwd(z: torch.Tensor, g: torch.Tensor, lam: torch.Tensor, L: torch.Tensor):
-    t = torch.floor(z * (L / lam) + 0.5)
-    inside = (t >= 0) & (t <= L)
+# Backward kernels: (z, upstream gradient g, lam, L) -> (dz in z's dtype, dlam summed
+# over all elements in `_up(z).dtype`, i.e. at least float32).
+
+def _qcfs_iclr_bwd(z: torch.Tensor, g: torch.Tensor, lam: torch.Tensor, L: torch.Tensor):
+    zu, lamu, Lu = _up(z), _up(lam), _up(L)
+    t = torch.floor(zu * (Lu / lamu) + 0.5)
+    inside = (t >= 0) & (t <= Lu)  # -1/(2L) <= z/lam < 1 + 1/(2L)
     gz = torch.where(inside, g, torch.zeros_like(g))
-    c = t.clamp_min(0).minimum(L) / L
-    glam = (g * (c - torch.where(inside, z / lam, torch.zeros_like(z)))).sum()
+    c = t.clamp_min(0).minimum(Lu) / Lu
+    glam = (_up(g) * (c - torch.where(inside, zu / lamu, torch.zeros_like(zu)))).sum()
+    return gz, glam
+
+
+def _nq_bwd(z: torch.Tensor, g: torch.Tensor, lam: torch.Tensor, L: torch.Tensor):
+    zu, lamu, Lu = _up(z), _up(lam), _up(L)
+    u = zu / lamu
+    inside = (u >= 0) & (u <= 1)
+    gz = torch.where(inside, g, torch.zeros_like(g))
+    c = _q(z, lam, L) / Lu  # the forward's level
+    glam = (_up(g) * (c - torch.where(inside, u, torch.zeros_like(u)))).sum()
     return gz, glam
 
 
@@ -50,7 +108,8 @@ def _if_step(v: torch.Tensor, x: torch.Tensor, theta: torch.Tensor):
     return u - out, out
 
 
-_KERNELS = {"qcfs_fwd": _qcfs_fwd, "nq_fwd": _nq_fwd, "qcfs_bwd": _qcfs_bwd, "if_step": _if_step}
+_KERNELS = {"qcfs_fwd": _qcfs_fwd, "nq_fwd": _nq_fwd, "bwd_nq": _nq_bwd, "bwd_qcfs_iclr": _qcfs_iclr_bwd,
+            "if_step": _if_step}
 _COMPILED: dict = {}
 
 
@@ -91,48 +150,66 @@ def _call(name: str, *args):
 
 
 def _forward(z, lam, delta, L, noisy):
-    z, lam, L = z.detach(), lam.detach(), torch.tensor(float(L), dtype=z.dtype, device=z.device)
+    # computed in z's dtype: lam (and delta) are cast to it
+    z, lam, L = z.detach(), lam.detach().to(z.dtype), torch.tensor(float(L), dtype=z.dtype, device=z.device)
     if noisy:
         # torch's generator (mt19937) draws the N(0,1) sample; the add is fused. A
         # counter-based hash RNG inside the fused kernel measured slower on CPU.
-        return _call("nq_fwd", z, lam, delta, L, torch.randn_like(z))
+        return _call("nq_fwd", z, lam, delta.detach().to(z.dtype), L, torch.randn_like(z))
     return _call("qcfs_fwd", z, lam, L)
 
 
 class _QCFSFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, lam, delta, L, noisy):
+    def forward(ctx, z, lam, delta, L, noisy, grad):
         ctx.save_for_backward(z, lam)
         ctx.L = L
+        ctx.grad = grad
         return _forward(z, lam, delta, L, noisy)
 
     @staticmethod
     def backward(ctx, g):
         z, lam = ctx.saved_tensors
         L = torch.tensor(float(ctx.L), dtype=z.dtype, device=z.device)
-        gz, glam = _call("qcfs_bwd", z.detach(), g.contiguous(), lam.detach(), L)
-        return gz, glam.reshape(lam.shape), None, None, None
+        # the lam-gradient sum runs over every element: the kernels accumulate it in
+        # float32 (float64 for float64 z); it is returned in lam's dtype
+        gz, glam = _call("bwd_" + ctx.grad, z.detach(), g.contiguous(), lam.detach().to(z.dtype), L)
+        return gz, glam.to(lam.dtype).reshape(lam.shape), None, None, None, None
 
 
 def qcfs(z: torch.Tensor, lam: torch.Tensor, L: int, delta: torch.Tensor | None = None,
-         noisy: bool = False) -> torch.Tensor:
-    """Fused QCFS / NQ activation (see module docstring)."""
+         noisy: bool = False, grad: str = "nq") -> torch.Tensor:
+    """Fused QCFS / NQ activation (see module docstring). `lam` may have another dtype
+    than `z` (e.g. an fp32 parameter under autocast): the output has z's dtype, the lam
+    gradient lam's dtype. `grad`: the gradient formulation, one of GRAD_FORMULATIONS."""
+    check_grad_formulation(grad)
     if delta is None:
         delta = torch.zeros((), dtype=z.dtype, device=z.device)
         noisy = False
     if not torch.is_grad_enabled() or not (z.requires_grad or lam.requires_grad):
         return _forward(z, lam, delta, L, noisy)
-    return _QCFSFn.apply(z, lam, delta, L, noisy)
+    return _QCFSFn.apply(z, lam, delta, L, noisy, grad)
 
 
-def qcfs_reference(z: torch.Tensor, lam: torch.Tensor, L: int) -> torch.Tensor:
-    """The QCFS authors' formulation, op by op, with autograd through every op.
-    Used by the tests as the independent reference for values and gradients."""
+def qcfs_reference(z: torch.Tensor, lam: torch.Tensor, L: int, grad: str = "nq") -> torch.Tensor:
+    """The authors' formulation `grad` (module docstring), op by op, with autograd
+    through every op (floor straight-through). Used by the tests as the independent
+    reference for values and gradients; no dtype handling (use one dtype throughout).
+
+    clip is written as torch.where with the subgradient 1 on the closed window
+    [0, 1] (both ends included, as torch.clamp had in torch 1.x when both codes were
+    written), so the reference does not depend on the torch version: torch 2.x
+    torch.clamp(x, 0, 1) gives the gradient 0 at x = 0 and x = 1."""
+    check_grad_formulation(grad)
+    if grad == "nq":  # hzp2022/ANN2SNN_NQ MPLayer, putshua/ANN_SNN_QCFS: clip, then floor
+        y = z / lam
+        y = torch.where(y < 0, torch.zeros_like(y), torch.where(y > 1, torch.ones_like(y), y))
+        y = _FloorSTE.apply(y * L + 0.5) / L
+        return y * lam
+    # "qcfs_iclr", putshua/SNN_conversion_QCFS: floor, then clip
     y = z / lam
     y = y * L + 0.5
     y = _FloorSTE.apply(y) / L
-    # clip with the subgradient 1 at both ends, as torch.clamp had when the QCFS code
-    # was written (torch 1.x); current torch.clamp gives 0 there.
     y = torch.where(y < 0, y * 0, torch.where(y > 1, y * 0 + 1, y))
     return y * lam
 
@@ -160,28 +237,31 @@ class NQ(nn.Module):
 
     lam: trainable scalar threshold (init `lam_init`); delta: buffer (saved in
     state_dict), the std of the Gaussian noise added per element on every training
-    forward pass; eval mode is deterministic.
+    forward pass; eval mode is deterministic. grad: the gradient formulation, one of
+    GRAD_FORMULATIONS (module docstring); it changes gradients only, not values.
     """
 
-    def __init__(self, L: int = 4, lam_init: float = 8.0, delta: float = 0.0):
+    def __init__(self, L: int = 4, lam_init: float = 8.0, delta: float = 0.0, grad: str = "nq"):
         super().__init__()
         self.L = int(L)
+        self.grad = check_grad_formulation(grad)
         self.lam = nn.Parameter(torch.tensor(float(lam_init)))
         self.register_buffer("delta", torch.tensor(float(delta)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         noisy = self.training and bool(self.delta > 0)
-        return qcfs(z, self.lam.to(z.dtype), self.L, self.delta.to(z.dtype), noisy)
+        # lam goes in its own dtype: its gradient stays fp32 under autocast
+        return qcfs(z, self.lam, self.L, self.delta, noisy, grad=self.grad)
 
     def extra_repr(self) -> str:
-        return f"L={self.L}, lam={self.lam.item():.4g}, delta={self.delta.item():.4g}"
+        return f"L={self.L}, lam={self.lam.item():.4g}, delta={self.delta.item():.4g}, grad={self.grad}"
 
 
 class QCFS(NQ):
     """QCFS activation: NQ whose delta stays 0."""
 
-    def __init__(self, L: int = 4, lam_init: float = 8.0):
-        super().__init__(L=L, lam_init=lam_init, delta=0.0)
+    def __init__(self, L: int = 4, lam_init: float = 8.0, grad: str = "nq"):
+        super().__init__(L=L, lam_init=lam_init, delta=0.0, grad=grad)
 
 
 def _accumulate(acc: torch.Tensor | None, xs: torch.Tensor) -> torch.Tensor:
