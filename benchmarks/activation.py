@@ -2,11 +2,13 @@
 
     python benchmarks/activation.py [--quick] [--threads N]
 
-One training step (forward + backward + SGD step) of ResNet-20 with five
-activations, side by side: NQ (delta = 0.1 in every layer, fused kernels), QCFS
+One training step (forward + backward + SGD step) of ResNet-20 with ReLU and four
+activation variants, each timed with both gradient formulations
+(`harness.neurons.GRAD_FORMULATIONS`: "nq", the default, and "qcfs_iclr"), all side
+by side in the same run: NQ (delta = 0.1 in every layer, fused kernels), QCFS
 (delta = 0, fused), NQ through the same autograd Function with eager ops
-(HARNESS_FUSED=0), the QCFS authors' op-by-op formulation with autograd through
-every op (`harness.neurons.qcfs_reference`, plus the same Gaussian noise), and ReLU.
+(HARNESS_FUSED=0), and the authors' op-by-op formulation with autograd through every
+op (`harness.neurons.qcfs_reference`, plus the same Gaussian noise).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ QUICK = dict(batch=16, steps=1, noise_numel=1 << 20)
 
 
 class ReferenceNQ(nn.Module):
-    """Eager, unfused NQ: the QCFS authors' formulation op by op, plus delta * N(0, 1)."""
+    """Eager, unfused NQ: the authors' formulation `act.grad` op by op, plus delta * N(0, 1)."""
 
     def __init__(self, act):
         super().__init__()
@@ -42,11 +44,12 @@ class ReferenceNQ(nn.Module):
 
         self.fn = qcfs_reference
         self.L = act.L
+        self.grad = act.grad
         self.lam = nn.Parameter(act.lam.detach().clone())
         self.register_buffer("delta", act.delta.detach().clone())
 
     def forward(self, z):
-        y = self.fn(z, self.lam, self.L)
+        y = self.fn(z, self.lam, self.L, grad=self.grad)
         if self.training and float(self.delta) > 0:
             y = y + self.delta * torch.randn_like(y)
         return y
@@ -96,9 +99,18 @@ def _stepper(model: nn.Module, x, y, steps: int, env: tuple[str, str] | None = N
     return with_env
 
 
+def _with_grad(grad: str):
+    """A `_variant` maker that keeps the activation and sets its gradient formulation."""
+    def make(act):
+        act.grad = grad
+        return None
+    return make
+
+
 def part_step(cfg, reps) -> str:
     import harness
     from harness.calibration import set_deltas
+    from harness.neurons import GRAD_FORMULATIONS
 
     B, steps = cfg["batch"], cfg["steps"]
     torch.manual_seed(0)
@@ -107,31 +119,44 @@ def part_step(cfg, reps) -> str:
     x = torch.randn(B, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (B,), generator=g)
 
-    nq = _variant(base, lambda a: None)
-    set_deltas(nq, DELTA)
-    qcfs = _variant(base, lambda a: None)
-    set_deltas(qcfs, 0.0)
-    eager = _variant(base, lambda a: None)
-    set_deltas(eager, DELTA)
-    ref_base = copy.deepcopy(base)
-    set_deltas(ref_base, DELTA)
-    ref = _variant(ref_base, ReferenceNQ)
-    relu = _variant(base, lambda a: nn.ReLU())
-    names = {
-        "ReLU": _stepper(relu, x, y, steps),
-        f"NQ (δ={DELTA}), fused": _stepper(nq, x, y, steps),
-        "QCFS (δ=0), fused": _stepper(qcfs, x, y, steps),
-        f"NQ (δ={DELTA}), eager ops (HARNESS_FUSED=0)": _stepper(eager, x, y, steps, ("HARNESS_FUSED", "0")),
-        f"NQ (δ={DELTA}), op-by-op reference (qcfs_reference + noise)": _stepper(ref, x, y, steps),
-    }
+    nq_base = copy.deepcopy(base)
+    set_deltas(nq_base, DELTA)
+    qcfs_base = copy.deepcopy(base)
+    set_deltas(qcfs_base, 0.0)
+    fused_env, eager_env = None, ("HARNESS_FUSED", "0")
+    # (variant, model with delta set, module maker after the formulation is set, env)
+    variants = [
+        (f"NQ (δ={DELTA}), fused", nq_base, None, fused_env),
+        ("QCFS (δ=0), fused", qcfs_base, None, fused_env),
+        (f"NQ (δ={DELTA}), eager ops (HARNESS_FUSED=0)", nq_base, None, eager_env),
+        (f"NQ (δ={DELTA}), op-by-op reference (qcfs_reference + noise)", nq_base, ReferenceNQ, fused_env),
+    ]
+    names = {"ReLU": _stepper(_variant(base, lambda a: nn.ReLU()), x, y, steps)}
+    rowinfo = {"ReLU": ("ReLU", "—")}
+    for variant, vbase, make, env in variants:
+        for grad in GRAD_FORMULATIONS:
+            m = _variant(vbase, _with_grad(grad))
+            if make is not None:
+                m = _variant(m, make)
+            key = f"{variant}, {grad} grad"
+            names[key] = _stepper(m, x, y, steps, env)
+            rowinfo[key] = (variant, grad)
     med = interleaved(names, reps)
     relu_s = med["ReLU"]
-    rows = [[n, s / steps * 1e3, B * steps / s, ratio(s, relu_s)] for n, s in med.items()]
-    nq_r = med[f"NQ (δ={DELTA}), fused"] / relu_s
+    rows = [[*rowinfo[n], s / steps * 1e3, B * steps / s, ratio(s, relu_s)] for n, s in med.items()]
+    default, other = GRAD_FORMULATIONS
+    pair_rows = [[v, ratio(med[f"{v}, {default} grad"], med[f"{v}, {other} grad"])] for v, *_ in variants]
+    nq_r = med[f"NQ (δ={DELTA}), fused, {default} grad"] / relu_s
+    nq_o = med[f"NQ (δ={DELTA}), fused, {other} grad"] / relu_s
     return (f"ResNet-20, batch {B}, 3×32×32 random input, SGD (momentum 0.9, wd 5e-4), train mode; "
-            f"median of {reps} interleaved repetitions of {steps} step(s) after one warm-up.\n\n"
-            + table(["activation", "ms / step", "images/s", "vs ReLU"], rows)
-            + f"\n\nNQ / ReLU = {nq_r:.2f}× — target ≤ {TARGET_NQ}×: {target(nq_r <= TARGET_NQ)}.")
+            f"median of {reps} interleaved repetitions of {steps} step(s) after one warm-up. "
+            f"Every variant is timed with both gradient formulations (`model.grad`: {default} = the "
+            f"default, {other}); they differ in the backward only.\n\n"
+            + table(["activation", "grad", "ms / step", "images/s", "vs ReLU"], rows)
+            + f"\n\nStep time with the {default} gradient relative to {other}, same variant:\n\n"
+            + table(["activation", f"{default} / {other}"], pair_rows)
+            + f"\n\nNQ / ReLU = {nq_r:.2f}× ({default} grad), {nq_o:.2f}× ({other} grad) — target "
+              f"≤ {TARGET_NQ}×: {target(nq_r <= TARGET_NQ)} ({default}), {target(nq_o <= TARGET_NQ)} ({other}).")
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ def fused_mode(request, monkeypatch):
 
 @pytest.mark.parametrize("grad", GRAD_FORMULATIONS)
 @pytest.mark.parametrize("L", [1, 2, 4, 8])
-def test_qcfs_matches_reference_values_and_grads(L, grad):
+def test_qcfs_matches_reference_values_and_grads(L, grad, fused_mode):
     z = (torch.randn(4096, dtype=torch.float64) * 6).requires_grad_()
     lam = torch.tensor(3.7, dtype=torch.float64, requires_grad=True)
     z2 = z.detach().clone().requires_grad_()
