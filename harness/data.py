@@ -60,11 +60,28 @@ class Dataset:
     std: tuple[float, ...]
     source: str
     classes: tuple[str, ...] = ()
+    _digest: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def image_size(self) -> int:
         """Height of the images (the size that crop padding and Cutout scale with)."""
         return int(self.train_x.shape[-2])
+
+    def digest(self) -> str:
+        """sha256 (first 16 hex digits) of every image and label of every split: two runs
+        with the same digest saw the same data, split the same way."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for t in (self.train_x, self.train_y, self.val_x, self.val_y, self.test_x, self.test_y):
+                h.update(memoryview(t.contiguous().numpy()).cast("B"))
+            self._digest = h.hexdigest()[:16]
+        return self._digest
+
+    def describe(self) -> dict[str, Any]:
+        """What result.json and MLflow record about the data."""
+        return {"name": self.name, "source": self.source, "digest": self.digest(),
+                "n_train": len(self.train_y), "n_val": len(self.val_y), "n_test": len(self.test_y),
+                "num_classes": self.num_classes, "image_shape": list(self.train_x.shape[1:])}
 
 
 # A loader returns the full splits as a dict: train_x, train_y, test_x, test_y,

@@ -19,20 +19,22 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import Config, ConfigError
+from .config import ConfigError
 from .errors import BAD_INPUT, INTERRUPTED, RUN_FAILED, HarnessError
-from .io import atomic_write_json
-from .space import NAME_PATTERN, SearchSpace, load_space, trial_dirname
+from .space import NAME_PATTERN, SearchSpace, load_space
 from .trainable import train_trial
 
 __all__ = ["SweepError", "SweepOptions", "run_sweep", "main", "check_resources"]
 
 STATE_FILE = "harness_sweep.json"
+CALIBRATION_KEYS = ("train.seed", "noise.calib_samples", "noise.calib_augment")  # besides data.*
+SHARED_FS_TYPES = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "9p", "efs", "glusterfs")
 CHECKPOINTS_KEPT = 2  # Tune keeps the last two epoch checkpoints of each trial
 PROGRESS_EVERY_S = 30  # Tune's progress table at most this often
 
@@ -56,6 +58,47 @@ class SweepOptions:
     overrides: list[str] = field(default_factory=list)
 
 
+class Storage:
+    """The sweep's storage: a local folder, or a URI that pyarrow understands (file://,
+    s3://, gs://, ...), as Ray Tune accepts it. The driver keeps its state file there."""
+
+    def __init__(self, location: str):
+        import pyarrow.fs as pafs
+        self.is_uri = "://" in location
+        if self.is_uri:
+            try:
+                self.fs, self.root = pafs.FileSystem.from_uri(location)
+            except Exception as e:  # noqa: BLE001 - pyarrow's errors name the problem
+                raise SweepError(f"--storage-path {location!r} is not a storage URI pyarrow can open "
+                                 f"({str(e).splitlines()[0]}); expected a folder, file://, s3:// or gs://") from None
+            self.location = location.rstrip("/")
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), str(Path(location).expanduser().absolute())
+            self.location = self.root
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([self.location, *parts])
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def exists(self, *parts: str) -> bool:
+        import pyarrow.fs as pafs
+        return self.fs.get_file_info(self._path(*parts)).type != pafs.FileType.NotFound
+
+    def read_text(self, *parts: str) -> str:
+        with self.fs.open_input_stream(self._path(*parts)) as f:
+            return f.read().decode()
+
+    def write_text(self, text: str, *parts: str) -> None:
+        """Written to a temporary name, then moved over the target."""
+        self.fs.create_dir(self._path(*parts[:-1]), recursive=True)
+        tmp = self._path(*parts) + f".{os.getpid()}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(text.encode())
+        self.fs.move(tmp, self._path(*parts))
+
+
 @dataclass
 class Plan:
     """A validated sweep invocation."""
@@ -63,12 +106,18 @@ class Plan:
     opts: SweepOptions
     name: str
     uri: str
-    exp_dir: Path
+    storage: Storage
     saved: dict | None  # the state file of the sweep being resumed
 
     @property
-    def state_path(self) -> Path:
-        return self.exp_dir / STATE_FILE
+    def exp_uri(self) -> str:
+        return self.storage.uri(self.name)
+
+    @property
+    def log_from(self) -> str:
+        """Who writes MLflow: the driver for a SQLite store (one writer, no node needs the
+        file), the trials for a tracking server."""
+        return "trial" if self.uri.startswith(("http://", "https://")) else "driver"
 
 
 # ---------------------------------------------------------------- 1. validate (no Ray yet)
@@ -83,26 +132,30 @@ def validate(space: SearchSpace, opts: SweepOptions) -> Plan:
     if not re.match(NAME_PATTERN, name):
         raise ConfigError(f"--name {name!r} (expected letters, digits, '_', '.', '-')")
     uri = tracking.normalize_uri(opts.tracking_uri)
-    if opts.storage_path and "://" in opts.storage_path:
-        raise SweepError(f"--storage-path {opts.storage_path!r}: only a filesystem path is supported "
-                         "(on a multi-node cluster, a shared mount such as EFS/NFS)")
-    exp_dir = Path(opts.storage_path or "ray_results").expanduser().absolute() / name
+    storage = Storage(opts.storage_path or "ray_results")
+    exp = storage.uri(name)
     saved = None
     if opts.resume:
-        if not (tune.Tuner.can_restore(str(exp_dir)) and (exp_dir / STATE_FILE).exists()):
-            raise SweepError(f"nothing to resume at {exp_dir} (no sweep named {name!r} was started there)")
-        saved = json.loads((exp_dir / STATE_FILE).read_text())
-        if [t["config"] for t in saved.get("trials", [])] != [t.config for t in space.trials]:
+        if not (tune.Tuner.can_restore(exp) and storage.exists(name, STATE_FILE)):
+            raise SweepError(f"nothing to resume at {exp} (no sweep named {name!r} was started there)")
+        saved = json.loads(storage.read_text(name, STATE_FILE))
+        if saved.get("space") != space.raw:
             raise SweepError(f"the search space changed since sweep {name!r} started; "
                              "run it under a new --name instead of --resume")
-    elif tune.Tuner.can_restore(str(exp_dir)):
-        raise SweepError(f"sweep {name!r} already exists at {exp_dir}; pass --resume to continue it "
+    elif tune.Tuner.can_restore(exp):
+        raise SweepError(f"sweep {name!r} already exists at {exp}; pass --resume to continue it "
                          "or --name NEW for a fresh one")
     for t in space.trials:  # data that is not there fails here, before any run is created
         root = t.cfg.data.root
         if t.cfg.data.name == "imagefolder" and root and not Path(root).exists():
             raise SweepError(f"data.root {root!r} does not exist (trial {t.label})")
-    return Plan(space, opts, name, uri, exp_dir, saved)
+    if space.calibration.mode == "actor":
+        moving = [k for k in space.sample if k.startswith("data.") or k in CALIBRATION_KEYS]
+        if moving:
+            raise ConfigError(f"sample.{moving[0]} changes the calibration images from trial to trial, which "
+                              "the shared actor loads before the sweep (expected calibration.mode: local, or "
+                              "the axis under grid)")
+    return Plan(space, opts, name, uri, storage, saved)
 
 
 # ---------------------------------------------------------------- 2. Ray
@@ -169,22 +222,51 @@ def check_resources(space: SearchSpace, joined: bool) -> None:
         raise SweepError(problems[0])
 
 
+def check_shared_storage(storage: Storage) -> None:
+    """On a cluster of several nodes, trials of other nodes must reach the storage: a
+    local folder on a node-local file system is refused (a URI is the user's statement
+    that every node reaches it)."""
+    import ray
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if storage.is_uri or len(nodes) < 2:
+        return
+    fstype = _fs_type(Path(storage.root))
+    if fstype not in SHARED_FS_TYPES and not fstype.startswith("fuse"):
+        raise SweepError(f"--storage-path {storage.root} is on a node-local file system ({fstype}) but the cluster "
+                         f"has {len(nodes)} nodes (expected a shared mount such as NFS/EFS, or a URI: s3://, gs://, "
+                         "file:// for a path every node reaches)")
+
+
+def _fs_type(path: Path) -> str:
+    """The file-system type of the mount that holds `path` (from /proc/mounts)."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    best, kind = "", "unknown"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, fstype, *_ = line.split()
+            if str(path).startswith(mount) and len(mount) > len(best):
+                best, kind = mount, fstype
+    except OSError:
+        pass
+    return kind
+
+
 # ---------------------------------------------------------------- 3. the shared calibration actor
 
-def start_calibration_actor(space: SearchSpace, name: str) -> tuple[Any, list[dict]]:
-    """(actor handle or None, the trials as Tune sees them: index, label, config and, with
-    the actor, the trial's calibration-set key and model spec)."""
-    trials = [{"index": t.index, "label": t.label, "config": t.config, "data_key": None, "model_spec": None}
-              for t in space.trials]
+def start_calibration_actor(space: SearchSpace, name: str) -> tuple[Any, dict]:
+    """(actor handle or None, its calibration sets: data key -> {n_images, class_counts,
+    num_classes, in_chans}). The grid's trials name every set (samplers never move the
+    calibration images when the actor serves them: `validate`)."""
     if space.calibration.mode != "actor":
-        return None, trials
+        return None, {}
     import ray
 
-    from .actor import actor_name, data_key, model_spec, start_actor
-    keys = {t.index: data_key(t.cfg) for t in space.trials}
+    from .actor import actor_name, data_key, start_actor
     configs = {}
     for t in space.trials:
-        configs.setdefault(keys[t.index], t.config)
+        configs.setdefault(data_key(t.cfg), t.config)
     cal = space.calibration
     try:
         actor, ready = start_actor(actor_name(name), configs, cpu=cal.cpu, gpu=cal.gpu,
@@ -192,10 +274,7 @@ def start_calibration_actor(space: SearchSpace, name: str) -> tuple[Any, list[di
                                    threads=cal.threads or _threads(space))
     except ray.exceptions.RayActorError as e:
         raise SweepError(f"the calibration actor could not start: {_cause(e)}", exit_code=RUN_FAILED) from None
-    for d, t in zip(trials, space.trials):
-        split = ready["splits"][keys[t.index]]
-        d.update(data_key=keys[t.index], model_spec=model_spec(t.cfg, split["num_classes"], split["in_chans"]))
-    return actor, trials
+    return actor, ready["splits"]
 
 
 def _threads(space: SearchSpace) -> int:
@@ -205,7 +284,7 @@ def _threads(space: SearchSpace) -> int:
 
 # ---------------------------------------------------------------- 4. MLflow parent run
 
-def open_parent_run(plan: Plan, trials: list[dict]) -> tuple[Any, str, str]:
+def open_parent_run(plan: Plan) -> tuple[Any, str, str]:
     """(client, experiment id, parent run id): a new parent run, or the resumed sweep's,
     and the state file that --resume reads."""
     from . import tracking
@@ -215,54 +294,74 @@ def open_parent_run(plan: Plan, trials: list[dict]) -> tuple[Any, str, str]:
         parent_id = plan.saved["parent_run_id"]
         tracking.set_status(client, parent_id, "RUNNING")
     else:
-        parent_id = tracking.create_parent(client, exp_id, plan.name, plan.space.path)
-    plan.exp_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(plan.state_path, {
-        "name": plan.name, "space": str(plan.space.path), "tracking_uri": plan.uri, "experiment_id": exp_id,
-        "parent_run_id": parent_id,
-        "trials": [{"index": t["index"], "label": t["label"], "config": t["config"]} for t in trials]})
+        parent_id = tracking.create_parent(client, exp_id, plan.name, plan.space.path, plan.space.raw)
+    plan.storage.write_text(json.dumps({
+        "name": plan.name, "space_file": str(plan.space.path), "space": plan.space.raw, "tracking_uri": plan.uri,
+        "experiment_id": exp_id, "parent_run_id": parent_id}, indent=1), plan.name, STATE_FILE)
     return client, exp_id, parent_id
 
 
 # ---------------------------------------------------------------- 5. fit
 
-def fit(plan: Plan, trainable: Callable, trials: list[dict], sweep_cfg: dict):
+def fit(plan: Plan, trainable: Callable, sweep_cfg: dict, callbacks: list):
     """Run (or restore and continue) the Tune experiment; Tune's ResultGrid."""
     from ray import tune
     space = plan.space
     trainable = tune.with_resources(trainable, {"cpu": space.resources.cpu, "gpu": space.resources.gpu})
+    run_config = tune.RunConfig(
+        name=plan.name, storage_path=plan.storage.location, verbose=1, progress_reporter=_reporter(),
+        callbacks=callbacks, failure_config=tune.FailureConfig(max_failures=space.failure.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT))
     if plan.opts.resume:
-        return tune.Tuner.restore(str(plan.exp_dir), trainable=trainable, resume_errored=True).fit()
-    scheduler = None
-    if space.scheduler.name == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-        sc = space.scheduler
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric="snn_sel_acc", mode="max",
-                                  max_t=sc.max_t or max(t.cfg.train.epochs for t in space.trials),
-                                  grace_period=sc.grace_period, reduction_factor=sc.reduction_factor)
-    reporter = tune.CLIReporter(
-        metric_columns={"epoch": "epoch", "train_loss": "loss", "ann_test_acc": "ANN test",
-                        "snn_sel_acc": "SNN sel", "epoch_s": "s/epoch"},
-        parameter_columns={"trial/index": "#"}, max_report_frequency=PROGRESS_EVERY_S, max_column_length=40,
-        print_intermediate_tables=True)
+        # the run config (with the MLflow callback, pickled before it ever ran) is Tune's own
+        return tune.Tuner.restore(plan.exp_uri, trainable=trainable, resume_errored=True,
+                                  param_space=space.param_space(sweep_cfg)).fit()
     tuner = tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search(trials), "sweep": sweep_cfg},
-        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=space.resources.max_concurrent,
-                                    trial_name_creator=_tune_trial_name, trial_dirname_creator=_tune_trial_dirname),
-        run_config=tune.RunConfig(
-            name=plan.name, storage_path=str(plan.exp_dir.parent), verbose=1, progress_reporter=reporter,
-            failure_config=tune.FailureConfig(max_failures=space.failure.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)))
+        trainable, param_space=space.param_space(sweep_cfg),
+        tune_config=tune.TuneConfig(scheduler=_scheduler(space), search_alg=_search_alg(space),
+                                    num_samples=space.num_samples, max_concurrent_trials=space.resources.max_concurrent,
+                                    reuse_actors=False, trial_name_creator=_tune_trial_name,
+                                    trial_dirname_creator=_tune_trial_dirname),
+        run_config=run_config)
     return tuner.fit()
 
 
+def _scheduler(space: SearchSpace):
+    if space.scheduler.name != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+    sc = space.scheduler
+    # the trial's final report (after its last epoch) carries epoch = train.epochs: max_t one
+    # above it lets a trial that survives every rung finish its final evaluation
+    max_t = sc.max_t or max(t.cfg.train.epochs for t in space.trials) + 1
+    return ASHAScheduler(time_attr="epoch", metric=sc.metric, mode=sc.mode, max_t=max_t,
+                         grace_period=sc.grace_period, reduction_factor=sc.reduction_factor)
+
+
+def _search_alg(space: SearchSpace):
+    if space.search.algorithm != "optuna":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+    s = space.search
+    return OptunaSearch(metric=s.metric, mode=s.mode, seed=s.seed)
+
+
+def _reporter():
+    from ray import tune
+    return tune.CLIReporter(
+        metric_columns={"epoch": "epoch", "train_loss": "loss", "ann_test_acc": "ANN test",
+                        "snn_sel_acc": "SNN sel", "epoch_s": "s/epoch"},
+        parameter_columns=[], max_report_frequency=PROGRESS_EVERY_S, max_column_length=40,
+        print_intermediate_tables=True)
+
+
 def _tune_trial_name(trial) -> str:
-    return trial.config["trial"]["label"]
+    from .space import trial_label
+    return trial_label(trial.config["axes"], trial.config["space"]["label_keys"])
 
 
 def _tune_trial_dirname(trial) -> str:
-    return trial_dirname(trial.config["trial"]["index"], trial.config["trial"]["label"])
+    return f"{_tune_trial_name(trial)}_{trial.trial_id}"
 
 
 # ---------------------------------------------------------------- 6. summarise
@@ -291,25 +390,29 @@ def outcome(grid, n_trials: int) -> Outcome:
 
 def summarise(plan: Plan, grid, client, exp_id: str, parent_id: str, actor, wall_s: float) -> int:
     from . import tracking
-    o = outcome(grid, len(plan.space.trials))
+    o = outcome(grid, plan.space.n_trials)
     if actor is not None:
         import ray
-        hist_path = plan.exp_dir / "calibration_history.json"
-        atomic_write_json(hist_path, ray.get(actor.all_histories.remote()))
-        client.log_artifact(parent_id, str(hist_path))
+        text = json.dumps(ray.get(actor.all_histories.remote()), indent=1)
+        plan.storage.write_text(text, plan.name, "calibration_history.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "calibration_history.json").write_text(text)
+            client.log_artifact(parent_id, str(Path(tmp) / "calibration_history.json"))
     _close_children(client, exp_id, parent_id, "KILLED" if o.unfinished else "FAILED")
+    if o.finished:
+        tracking.summarise_parent(client, exp_id, parent_id, plan.space.label_keys)
     tracking.set_status(client, parent_id, o.status)
     resume = f"harness sweep {plan.opts.space_file} --name {plan.name} --resume"
-    counts = f"{o.finished} finished, {o.failed} failed, {o.unfinished} not finished, of {len(plan.space.trials)}"
+    counts = f"{o.finished} finished, {o.failed} failed, {o.unfinished} not finished, of {plan.space.n_trials}"
     if o.unfinished:
         print(f"\nsweep {plan.name}: INTERRUPTED after {wall_s:.0f} s: {counts}; `{resume}` continues it")
     elif o.failed:
         print(f"\nsweep {plan.name}: FAILED after {wall_s:.0f} s: {counts}; `{resume}` retries the failed trials")
     else:
-        print(f"\nsweep {plan.name}: {o.finished}/{len(plan.space.trials)} trials finished in {wall_s:.0f} s")
+        print(f"\nsweep {plan.name}: {o.finished}/{plan.space.n_trials} trials finished in {wall_s:.0f} s")
     db = tracking.db_path(plan.uri)
     print(f"MLflow: {db if db else plan.uri} (experiment {plan.name!r}, parent run {parent_id}, {o.status})")
-    print(f"Ray Tune results: {plan.exp_dir}")
+    print(f"Ray Tune results: {plan.exp_uri}")
     if o.finished:
         print(f"next: harness report --experiment {plan.name}"
               + (f" --tracking-uri {plan.uri}" if plan.uri != tracking.default_tracking_uri() else ""))
@@ -330,9 +433,6 @@ def run_sweep(space: SearchSpace, opts: SweepOptions, trainable: Callable = trai
     """Validate, start Ray, the actor and the parent run, fit, summarise: the exit code.
     `trainable` is `train_trial` or a wrapper of it (e.g. one that injects a fault)."""
     from . import tracking
-    for t in space.trials:
-        t.config["train"]["threads"] = _threads(space)
-        t.cfg = Config.from_dict(t.config)
     plan = validate(space, opts)
     _quiet_env()
     t_start = time.perf_counter()
@@ -340,16 +440,23 @@ def run_sweep(space: SearchSpace, opts: SweepOptions, trainable: Callable = trai
     actor = client = parent_id = exp_id = None
     try:
         check_resources(space, joined=bool(opts.address))
-        actor, trials = start_calibration_actor(space, plan.name)
-        client, exp_id, parent_id = open_parent_run(plan, trials)
+        check_shared_storage(plan.storage)
+        actor, splits = start_calibration_actor(space, plan.name)
+        client, exp_id, parent_id = open_parent_run(plan)
         sweep_cfg = {"name": plan.name, "tracking_uri": plan.uri, "experiment_id": exp_id,
-                     "parent_run_id": parent_id, "calibration_mode": space.calibration.mode,
-                     "actor_name": _actor_name(space, plan.name)}
-        print(f"sweep {plan.name}: {len(space.trials)} trials, {space.resources.cpu:g} CPU"
+                     "parent_run_id": parent_id, "log_from": plan.log_from, "threads": _threads(space),
+                     "calibration_mode": space.calibration.mode, "actor_name": _actor_name(space, plan.name),
+                     "actor_splits": splits}
+        callbacks = []
+        if plan.log_from == "driver":
+            from .tune_mlflow import MlflowLogger
+            callbacks.append(MlflowLogger(plan.uri, exp_id, parent_id))
+        print(f"sweep {plan.name}: {space.n_trials} trials, {space.resources.cpu:g} CPU"
               f"{f' + {space.resources.gpu:g} GPU' if space.resources.gpu else ''} each, "
-              f"calibration {space.calibration.mode}, scheduler {space.scheduler.name}"
-              f"{' (resumed)' if opts.resume else ''}; Ray ready in {time.perf_counter() - t_start:.1f} s", flush=True)
-        grid = fit(plan, trainable, trials, sweep_cfg)
+              f"calibration {space.calibration.mode}, scheduler {space.scheduler.name}, MLflow logged by the "
+              f"{plan.log_from}{' (resumed)' if opts.resume else ''}; Ray ready in "
+              f"{time.perf_counter() - t_start:.1f} s", flush=True)
+        grid = fit(plan, trainable, sweep_cfg, callbacks)
         return summarise(plan, grid, client, exp_id, parent_id, actor, time.perf_counter() - t_start)
     except BaseException as e:
         if parent_id is not None:

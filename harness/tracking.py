@@ -1,15 +1,24 @@
-"""MLflow tracking for sweeps: one parent run per sweep, one child run per trial.
+"""MLflow tracking for sweeps: one parent run per sweep invocation, one child run per trial.
 
-Everything goes through an explicit `MlflowClient` (no fluent API: trials may share a
-process with other threads). Only SQLite (`sqlite:///...`) and tracking servers
-(`http(s)://...`) are accepted; MLflow's file store is refused.
+Everything goes through an explicit `MlflowClient` (the fluent API only where MLflow has
+nothing else: `mlflow.pytorch.log_model`). Only SQLite (`sqlite:///...`) and tracking
+servers (`http(s)://...`) are accepted; MLflow's file store is refused. With SQLite the
+sweep's driver is the only writer (harness.tune_mlflow); with a server, trials log
+through it.
 
-Layout read by `harness report`:
-  experiment  = sweep name
-  parent run  tags harness.role=parent, harness.hardware; artifacts: search space, versions.json
-  child run   tags mlflow.parentRunId, harness.role=trial, harness.trial, harness.method;
-              params = Config.flat(); per-epoch metrics (step = epoch); final metrics;
-              artifacts result.json, residual_hist.json, best.pt, curves.png
+Layout (read by `harness report`; names group in the MLflow UI by their `/` prefix):
+  experiment  = the sweep's name
+  parent run  tags harness.role=parent, harness.hardware, mlflow.source.*, mlflow.user;
+              params: the search space (space.*); metrics at the end: summary/<method>/...,
+              summary/delta/... (mean over seeds, paired NQ - QCFS, with n); artifacts:
+              the search-space file, versions.json, calibration_history.json
+  child run   tags mlflow.parentRunId, harness.role=trial, harness.trial, harness.method,
+              ray.node_id, ray.node_ip; params: the resolved config, calib.*, layers;
+              per-epoch metrics (step = epoch): train/*, ann/*, snn/<split>_acc_TNN,
+              delta/lNN_<layer> (trained with), delta_next/..., residual/std|mean/...,
+              time/*; final (step 0): final/*, and final/snn_test_acc_by_T (step = T);
+              dataset input (name, source, digest); the selected model (mlflow.pytorch);
+              artifacts result.json, residual_hist.json, curves.png
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -84,7 +94,9 @@ def client(uri: str):
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
-    return MlflowClient(tracking_uri=uri)
+    c = MlflowClient(tracking_uri=uri)
+    c.harness_uri = uri  # for the one fluent call (log_model)
+    return c
 
 
 def retry(fn: Callable[[], Any], attempts: int = 8, wait: float = 0.25) -> Any:
@@ -161,14 +173,44 @@ def ensure_experiment(c, name: str, uri: str) -> str:
         return exp.experiment_id
 
 
-def create_parent(c, experiment_id: str, name: str, space_file: Path, extra_tags: Mapping[str, str] = ()) -> str:
+def standard_tags() -> dict[str, str]:
+    """MLflow's own source, git and user tags (the UI's Source, Version and User columns)."""
+    import getpass
+    v = versions()
+    tags = {"mlflow.source.name": "harness sweep", "mlflow.source.type": "PROJECT"}
+    if v.get("git_commit"):
+        tags["mlflow.source.git.commit"] = v["git_commit"]
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in this environment
+        pass
+    return tags
+
+
+def create_parent(c, experiment_id: str, name: str, space_file: Path, space: Mapping[str, Any] | None = None,
+                  extra_tags: Mapping[str, str] = ()) -> str:
+    """The sweep's parent run: the search space as params (space.*) and as an artifact."""
+    from mlflow.entities import Param
     tags = {"harness.role": "parent", "harness.hardware": hardware(), "harness.space": str(space_file),
-            **dict(extra_tags)}
+            **standard_tags(), **dict(extra_tags)}
     run = retry(lambda: c.create_run(experiment_id, tags=tags, run_name=name))
     rid = run.info.run_id
+    params = [Param(f"space.{k}", str(v)[:MAX_PARAM_CHARS]) for k, v in sorted(_flatten(space or {}).items())]
+    for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+        retry(lambda: c.log_batch(rid, params=params[i:i + MAX_PARAMS_PER_BATCH]))
     c.log_artifact(rid, str(space_file))
     c.log_dict(rid, versions(), "versions.json")
     return rid
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return out
 
 
 def set_status(c, run_id: str, status: str) -> None:
@@ -189,13 +231,44 @@ def find_child(c, experiment_id: str, parent_id: str, trial: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def create_child(c, experiment_id: str, parent_id: str, trial: str, cfg) -> str:
+def create_child(c, experiment_id: str, parent_id: str, trial: str, method: str | None,
+                 tags: Mapping[str, str] = ()) -> str:
     """A new child run for `trial` (tags only: the params are the resolved config, logged
     by `log_trial_params` once the trial has loaded its data)."""
-    tags = {"mlflow.parentRunId": parent_id, "harness.role": "trial", "harness.trial": trial,
-            "harness.method": cfg.method, "harness.hardware": hardware()}
-    run = retry(lambda: c.create_run(experiment_id, tags=tags, run_name=trial))
+    all_tags = {"mlflow.parentRunId": parent_id, "harness.role": "trial", "harness.trial": trial,
+                **standard_tags(), **dict(tags)}
+    if method:
+        all_tags["harness.method"] = method
+    run = retry(lambda: c.create_run(experiment_id, tags=all_tags, run_name=trial))
     return run.info.run_id
+
+
+def open_child(c, experiment_id: str, parent_id: str, trial: str, method: str | None,
+               run_id: str | None = None, tags: Mapping[str, str] = ()) -> tuple[str, set[int]]:
+    """(run id, epochs already logged) of the trial's child run: the given or found run (a
+    retry or --resume continues it), else a new one. Marks it RUNNING."""
+    run_id = run_id or find_child(c, experiment_id, parent_id, trial)
+    if run_id is None:
+        return create_child(c, experiment_id, parent_id, trial, method, tags), set()
+    set_status(c, run_id, "RUNNING")
+    return run_id, logged_epochs(c, run_id)
+
+
+def set_node_tags(c, run_id: str, node: Mapping[str, str]) -> None:
+    """Where the trial runs now (a retry on another node overwrites; every node is kept in
+    harness.nodes)."""
+    from mlflow.entities import RunTag
+    seen = retry(lambda: c.get_run(run_id)).data.tags.get("harness.nodes", "")
+    nodes = [n for n in seen.split(",") if n]
+    if node["ray.node_ip"] not in nodes:
+        nodes.append(node["ray.node_ip"])
+    tags = [RunTag(k, v) for k, v in node.items()] + [RunTag("harness.nodes", ",".join(nodes))]
+    retry(lambda: c.log_batch(run_id, tags=tags))
+
+
+def layer_names(c, run_id: str) -> list[str]:
+    """The trial's activation layers, from its `layers` param."""
+    return retry(lambda: c.get_run(run_id)).data.params["layers"].split(",")
 
 
 def trial_params(info: Mapping[str, Any]) -> dict[str, str]:
@@ -208,15 +281,35 @@ def trial_params(info: Mapping[str, Any]) -> dict[str, str]:
                    "calib.class_counts": ",".join(str(n) for n in cal["class_counts"]),
                    "calib.sampling": cal["sampling"], "calib.augmented": str(cal["augmented"])})
     params["config.defaults_resolved"] = ",".join(sorted(info.get("defaults_resolved", {}))) or "none"
+    params["layers"] = ",".join(info["layers"])
     return params
 
 
 def log_trial_params(c, run_id: str, info: Mapping[str, Any]) -> None:
-    """Idempotent: a retried trial logs the same values again."""
+    """Params and the dataset input. Idempotent: a retried trial logs the same values again."""
     from mlflow.entities import Param
     params = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in sorted(trial_params(info).items())]
     for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
         retry(lambda: c.log_batch(run_id, params=params[i:i + MAX_PARAMS_PER_BATCH]))
+    if info.get("data") and not retry(lambda: c.get_run(run_id)).inputs.dataset_inputs:
+        log_dataset(c, run_id, info["data"])
+
+
+def log_dataset(c, run_id: str, data: Mapping[str, Any]) -> None:
+    """The trial's dataset as an MLflow dataset input (name, source, digest): the UI's
+    Datasets column."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    source = str(data["source"])
+    if "://" in source or source.startswith("/"):
+        from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+        src = FileSystemDatasetSource(source)
+    else:
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        src = CodeDatasetSource({"source": source})
+    ds = MetaDataset(src, name=data["name"], digest=data["digest"])
+    retry(lambda: c.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(),
+                                                               tags=[InputTag("mlflow.data.context", "train")])]))
 
 
 def logged_epochs(c, run_id: str, key: str = "train/loss") -> set[int]:
@@ -254,45 +347,94 @@ def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
 
 
 def log_final(c, run_id: str, result: Mapping[str, Any], out_dir: Path,
-              files: Iterable[str] = ("result.json", "residual_hist.json", "best.pt")) -> None:
+              files: Iterable[str] = ("result.json", "residual_hist.json")) -> None:
+    """Final metrics, the by-T series, the artifacts and the selected model (from best.pt)."""
     from mlflow.entities import Metric
+
+    from .report.figures import result_curves
     ts = int(time.time() * 1000)
     metrics = [Metric(k, v, ts, 0) for k, v in final_metrics(result).items()]
     # accuracy against T as one series (step = T): MLflow draws the latency curve
     metrics += [Metric("final/snn_test_acc_by_T", float(v), ts, int(t)) for t, v in result["snn_test_acc"].items()]
     retry(lambda: c.log_batch(run_id, metrics=metrics))
-    plot_curves(result, out_dir / "curves.png")
-    for name in (*files, "curves.png"):
-        p = out_dir / name
-        if p.exists():
-            retry(lambda: c.log_artifact(run_id, str(p)))
+    for name in files:
+        if (out_dir / name).exists():
+            retry(lambda: c.log_artifact(run_id, str(out_dir / name)))
+    with tempfile.TemporaryDirectory() as tmp:
+        retry(lambda: c.log_artifact(run_id, str(result_curves(result, Path(tmp) / "curves.png"))))
+    if (out_dir / "best.pt").exists():
+        log_model(c, run_id, result, out_dir / "best.pt")
 
 
-def plot_curves(result: Mapping[str, Any], path: Path) -> Path:
-    """ANN vs SNN (selection T) accuracy per epoch, plus the mean delta."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    hist = [r for r in result["history"] if r.get("ann_test_acc") is not None]
-    ep = [r["epoch"] for r in hist]
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    ax.plot(ep, [r["ann_test_acc"] for r in hist], "o-", label="ANN test")
-    ax.plot(ep, [r["ann_val_acc"] for r in hist], "s--", label="ANN val", alpha=0.6)
-    ax.plot(ep, [r["snn_sel_acc"] for r in hist], "^-",
-            label=f"SNN {result.get('selected_on', 'val')} T={result.get('select_T', '?')}")
-    ax.axvline(result["best_epoch"], color="grey", lw=0.8, ls=":", label="selected epoch")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{result['method']} {result['config']['model']['arch']} on {result['config']['data']['name']}")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+def log_model(c, run_id: str, result: Mapping[str, Any], best: Path) -> None:
+    """The selected checkpoint as an MLflow PyTorch model (with an input example), so the
+    UI lists it under Models. Only mlflow.pytorch.log_model's fluent API can do that."""
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+
+    from .config import Config
+    from .models import create_model
+    cfg = Config.from_dict(result["config"])
+    shape = result["input_shape"]
+    model = create_model(cfg.model.arch, num_classes=result["num_classes"], in_chans=shape[0], L=cfg.model.L,
+                         lam_init=cfg.model.lam_init, grad=cfg.model.grad)
+    model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["model"])
+    model.eval()
+    example = np.zeros((1, *shape), dtype=np.float32)
+    prev = mlflow.get_tracking_uri()
+    try:
+        mlflow.set_tracking_uri(c.harness_uri)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(model, name="model", input_example=example,
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                       "nq-snn-harness"])
+    finally:
+        mlflow.set_tracking_uri(prev)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+
+
+
+# ---------------------------------------------------------------- the parent's summary
+
+def summarise_parent(c, experiment_id: str, parent_id: str, label_keys: Iterable[str]) -> dict[str, float]:
+    """Log on the parent run, from its FINISHED children's final metrics: the mean over
+    seeds per method (`summary/<method>[/<setting:value ...>]/<metric>`, with `.../n`) and
+    the paired difference NQ - QCFS by seed (`summary/delta/...`, with `.../n_pairs`), so the
+    experiment's chart view shows the comparison. Tables with CIs: `harness report`."""
+    from mlflow.entities import Metric
+
+    from .methods import BASE_METHOD, DELTA_METHOD
+    group_keys = [k for k in label_keys if k not in ("train.seed", "noise.mode")]
+    runs = retry(lambda: c.search_runs([experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'"), max_results=50_000))
+    cells: dict[tuple, dict[str, dict[str, float]]] = {}  # (method, group) -> seed -> metrics
+    for r in runs:
+        group = " ".join(f"{k.split('.')[-1]}:{r.data.params.get(k)}" for k in group_keys)
+        finals = {k.removeprefix("final/"): v for k, v in r.data.metrics.items()
+                  if k.startswith("final/") and k != "final/best_epoch" and not k.endswith("_by_T")}
+        cells.setdefault((r.data.tags.get("harness.method", "?"), group), {})[r.data.params.get("train.seed")] = finals
+    out: dict[str, float] = {}
+    for (method, group), by_seed in cells.items():
+        prefix = "/".join(p for p in ("summary", method, group) if p)
+        out.update({f"{prefix}/{m}": _mean([s[m] for s in by_seed.values() if m in s])
+                    for m in {m for s in by_seed.values() for m in s}})
+        out[f"{prefix}/n"] = float(len(by_seed))
+        base = cells.get((BASE_METHOD, group)) if method == DELTA_METHOD else None
+        if base:
+            seeds = sorted(set(by_seed) & set(base))
+            dprefix = "/".join(p for p in ("summary", "delta", group) if p)
+            for m in {m for s in seeds for m in by_seed[s] if m in base[s]}:
+                out[f"{dprefix}/{m}"] = _mean([by_seed[s][m] - base[s][m] for s in seeds])
+            out[f"{dprefix}/n_pairs"] = float(len(seeds))
+    ts = int(time.time() * 1000)
+    metrics = [Metric(k, v, ts, 0) for k, v in sorted(out.items())]
+    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        retry(lambda: c.log_batch(parent_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH]))
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

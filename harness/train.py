@@ -408,7 +408,8 @@ def finish(trial: Trial, state: TrialState) -> dict:
         snn_test_acc={str(t): accs[t - 1] for t in cfg.eval.T},
         best_epoch=state.best_epoch, selected_on=cfg.eval.select_on, select_T=cfg.eval.select_T,
         layers=trial.layers, delta_trained=best["delta_trained"], delta_next=best["delta_next"],
-        calibration=trial.calib_set.describe(),
+        calibration=trial.calib_set.describe(), data=trial.data.describe(),
+        num_classes=trial.data.num_classes, input_shape=list(trial.data.test_x.shape[1:]),
         macs=count_macs(model, tuple(trial.data.test_x.shape[1:])),
         history=state.history,
     )
@@ -447,7 +448,7 @@ def run(cfg: Config, out_dir: str | Path, *, calibrator: Calibrator | None = Non
         state = resume(trial, extra)
         if on_start is not None:
             on_start({"config": trial.cfg.to_dict(), "defaults_resolved": trial.defaults_resolved,
-                      "layers": list(trial.layers),
+                      "layers": list(trial.layers), "data": trial.data.describe(),
                       "calibration": trial.calib_set.describe()})
         for epoch in range(state.epoch + 1, trial.cfg.train.epochs + 1):
             t0 = time.perf_counter()

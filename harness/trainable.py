@@ -1,14 +1,18 @@
-"""The Ray Tune function trainable: one trial = one `harness.train.run`, one MLflow child run.
+"""The Ray Tune function trainable: one trial = one `harness.train.run`.
 
-    train_trial(config)                        config = {"trial": {...}, "sweep": {...}}
-        out = restore_checkpoint(...)           Tune's last checkpoint (a retry, --resume) into
-                                                a local work folder, or a clean folder
-        run_id = open_child_run(...)            the trial's MLflow child run: found again on a
-                                                retry, created otherwise
-        run(cfg, out, callbacks=[report])       each epoch: log to MLflow, report the metrics
-                                                and the checkpoint to Tune
-        log the final metrics and artifacts; close the child run FINISHED (FAILED / KILLED
-        when the trial raises or Tune stops it)
+    train_trial(config)       config = {"axes": {dotted key: value}, "space": {...}, "sweep": {...}}
+        cfg = trial_config(...)             base config + the trial's axis values + overrides
+        restore_checkpoint(out)             Tune's last checkpoint (a retry, --resume) into a
+                                            local work folder, or a clean folder
+        run(cfg, out, callbacks=[report])   each epoch: report the record and the checkpoint
+                                            to Tune (and log it to MLflow when the trial logs)
+        report the final files (result.json, residual_hist.json, best.pt) as the last checkpoint
+
+Who writes MLflow (`sweep["log_from"]`):
+  "driver"  a SQLite store: trials never open the database; the driver's Tune callback
+            (harness.tune_mlflow) logs what they report. Nodes need no access to it.
+  "trial"   a tracking server (http/https): each trial logs its own child run through the
+            server, artifacts included (--serve-artifacts), as the records happen.
 
 The work folder is local scratch: everything that must outlive the worker goes through
 `tune.Checkpoint` (to the sweep's storage, wherever it is) and MLflow.
@@ -22,17 +26,23 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .config import Config
-from .space import trial_dirname
 
-__all__ = ["train_trial", "restore_checkpoint", "open_child_run", "work_dir"]
+__all__ = ["train_trial", "restore_checkpoint", "work_dir", "node", "FINAL_FILES"]
 
-# shown in Tune's progress table; the full record goes to MLflow
-TUNE_COLUMNS = ("train_loss", "ann_test_acc", "calib_s", "epoch_s")
+FINAL_FILES = ("result.json", "residual_hist.json")  # with best.pt: the final checkpoint's files
+TUNE_COLUMNS = ("train_loss", "ann_test_acc", "calib_s", "epoch_s")  # scalars for Tune's table
 
 
-def work_dir(sweep: Mapping[str, Any], trial: Mapping[str, Any]) -> Path:
-    """The trial's local scratch folder (one per sweep and trial on each node)."""
-    return Path(tempfile.gettempdir()) / "harness-trials" / sweep["name"] / trial_dirname(trial["index"], trial["label"])
+def work_dir(parent_run_id: str, label: str, trial_id: str) -> Path:
+    """The trial's local scratch folder: one per sweep invocation (its parent run, which
+    --resume keeps) and trial, on each node."""
+    return Path(tempfile.gettempdir()) / "harness-trials" / parent_run_id / f"{label}_{trial_id}"
+
+
+def node() -> dict[str, str]:
+    """Where this process runs: Ray's node id and IP (tags of the trial's run)."""
+    import ray
+    return {"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.node_ip": ray.util.get_node_ip_address()}
 
 
 def restore_checkpoint(out: Path) -> bool:
@@ -44,7 +54,7 @@ def restore_checkpoint(out: Path) -> bool:
     from .train import BEST, CKPT
 
     out.mkdir(parents=True, exist_ok=True)
-    for name in (CKPT, BEST):
+    for name in (CKPT, BEST, *FINAL_FILES):
         (out / name).unlink(missing_ok=True)
     ckpt = tune.get_checkpoint()
     if ckpt is None:
@@ -56,88 +66,118 @@ def restore_checkpoint(out: Path) -> bool:
     return True
 
 
-def open_child_run(client, sweep: Mapping[str, Any], label: str, cfg: Config, out: Path,
-                   restored: bool) -> tuple[str, set[int]]:
-    """(run id, epochs already logged): a retried trial continues its own child run."""
-    from . import tracking
-    from .train import read_checkpoint_extra
-
-    run_id = read_checkpoint_extra(out).get("mlflow_run_id") if restored else None
-    run_id = run_id or tracking.find_child(client, sweep["experiment_id"], sweep["parent_run_id"], label)
-    if run_id is None:
-        return tracking.create_child(client, sweep["experiment_id"], sweep["parent_run_id"], label, cfg), set()
-    tracking.set_status(client, run_id, "RUNNING")
-    return run_id, tracking.logged_epochs(client, run_id)
-
-
-def _report_to_tune(rec: dict, out: Path, last_sel: float) -> None:
-    """Report the epoch's record and its checkpoint (hard links of the trial's files)."""
+def _report(metrics: dict, out: Path, files: Iterable[str]) -> None:
+    """tune.report with a checkpoint holding `files` of `out` (hard links where possible)."""
     from ray import tune
-
-    from .train import BEST, CKPT
 
     stage = out / "_tune_checkpoint"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
-    for name in (CKPT, BEST):
+    for name in files:
         if (out / name).exists():
             try:
                 os.link(out / name, stage / name)
             except OSError:
                 shutil.copy2(out / name, stage / name)
-    shown = {k: rec[k] for k in TUNE_COLUMNS if k in rec}
     try:
-        tune.report({**shown, "epoch": rec["epoch"], "snn_sel_acc": last_sel},
-                    checkpoint=tune.Checkpoint.from_directory(str(stage)))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(stage)))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+class _TrialLog:
+    """The trial's own MLflow logging (log_from "trial"); a no-op when the driver logs."""
+
+    def __init__(self, sweep: Mapping[str, Any], label: str, cfg: Config, restored: bool, out: Path):
+        self.on = sweep["log_from"] == "trial"
+        self.layers: list[str] = []
+        if not self.on:
+            return
+        from . import tracking
+        from .train import read_checkpoint_extra
+        self.c = tracking.client(sweep["tracking_uri"])
+        run_id = read_checkpoint_extra(out).get("mlflow_run_id") if restored else None
+        self.run_id, self.logged = tracking.open_child(self.c, sweep["experiment_id"], sweep["parent_run_id"],
+                                                       label, cfg.method, run_id)
+        tracking.set_node_tags(self.c, self.run_id, node())
+
+    def start(self, info: dict) -> None:
+        self.layers = info["layers"]
+        if self.on:
+            from . import tracking
+            tracking.log_trial_params(self.c, self.run_id, info)
+
+    def epoch(self, rec: dict) -> None:
+        if self.on and rec["epoch"] not in self.logged:  # a retried epoch keeps its first values
+            from . import tracking
+            tracking.log_epoch(self.c, self.run_id, rec, self.layers)
+            self.logged.add(rec["epoch"])
+
+    def final(self, result: dict, out: Path) -> None:
+        if self.on:
+            from . import tracking
+            tracking.log_final(self.c, self.run_id, result, out)
+            tracking.set_status(self.c, self.run_id, "FINISHED")
+
+    def close(self, status: str) -> None:
+        if self.on:
+            from . import tracking
+            try:
+                tracking.set_status(self.c, self.run_id, status)
+            except Exception:  # noqa: BLE001 - the trial's own error is the one to report
+                pass
 
 
 def train_trial(config: dict, extra_callbacks: Iterable[Callable[[dict, Path], None]] = ()) -> None:
     """Ray Tune function trainable (see the module docstring). `extra_callbacks(record,
     out)` run after each epoch, after the Tune report."""
     import torch
+    from ray import tune
 
-    from . import tracking
-    from .train import run
+    from .space import trial_config, trial_label
+    from .train import BEST, CKPT, run
 
-    t, s = config["trial"], config["sweep"]
-    cfg = Config.from_dict(t["config"])
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    out = work_dir(s, t)
+    s, space = config["sweep"], config["space"]
+    cfg = trial_config(space["base"], config["axes"], space["overrides"], space["dir"])
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": s["threads"]})})
+    label = trial_label(config["axes"], space["label_keys"])
+    torch.set_num_threads(s["threads"])
+    out = work_dir(s["parent_run_id"], label, tune.get_context().get_trial_id())
     restored = restore_checkpoint(out)
-    client = tracking.client(s["tracking_uri"])
-    run_id, logged = open_child_run(client, s, t["label"], cfg, out, restored)
+    log = _TrialLog(s, label, cfg, restored, out)
     calibrator = None
     if s["calibration_mode"] == "actor":
-        from .actor import ActorCalibrator
-        calibrator = ActorCalibrator(s["actor_name"], t["data_key"], t["model_spec"], cfg.data.eval_batch_size)
-    layers: list[str] = []
+        from .actor import ActorCalibrator, data_key, model_spec
+        key = data_key(cfg)
+        split = s["actor_splits"][key]
+        calibrator = ActorCalibrator(s["actor_name"], key, model_spec(cfg, split["num_classes"], split["in_chans"]),
+                                     cfg.data.eval_batch_size)
+    pending: dict[str, Any] = {"node": node()}  # sent with the first report after a (re)start
     last_sel = [0.0]
 
     def on_start(info: dict) -> None:
-        layers[:] = info["layers"]
-        tracking.log_trial_params(client, run_id, info)
+        log.start(info)
+        pending["info"] = info
 
     def report(rec: dict, out_dir: Path) -> None:
-        if rec["epoch"] not in logged:  # a retried epoch that was already logged keeps its first values
-            tracking.log_epoch(client, run_id, rec, layers)
-            logged.add(rec["epoch"])
+        log.epoch(rec)
         if rec.get("snn_sel_acc") is not None:
             last_sel[0] = float(rec["snn_sel_acc"])
-        _report_to_tune(rec, out_dir, last_sel[0])
+        shown = {k: rec[k] for k in TUNE_COLUMNS if k in rec}
+        _report({**shown, "epoch": rec["epoch"], "snn_sel_acc": last_sel[0], "label": label,
+                 "record": rec, **pending}, out_dir, (CKPT, BEST))
+        pending.clear()
 
+    extra = {"mlflow_run_id": log.run_id} if log.on else {}
     try:
         result = run(cfg, out, calibrator=calibrator, callbacks=[report, *extra_callbacks], on_start=on_start,
-                     extra={"mlflow_run_id": run_id}, progress=False, trial_id=t["label"])
-        tracking.log_final(client, run_id, result, out)
-        tracking.set_status(client, run_id, "FINISHED")
+                     extra=extra, progress=False, trial_id=label)
+        log.final(result, out)
+        # the final report: Tune (and the driver's MLflow callback) get result.json,
+        # residual_hist.json and best.pt through the trial's last checkpoint
+        _report({"epoch": cfg.train.epochs, "snn_sel_acc": last_sel[0], "label": label, "final": True},
+                out, (CKPT, BEST, *FINAL_FILES))
     except BaseException as e:
         # Tune stops a trial (scheduler / Ctrl-C) by raising SystemExit in tune.report
-        status = "KILLED" if isinstance(e, (SystemExit, KeyboardInterrupt)) else "FAILED"
-        try:
-            tracking.set_status(client, run_id, status)
-        except Exception:  # noqa: BLE001 - the trial's own error is the one to report
-            pass
+        log.close("KILLED" if isinstance(e, (SystemExit, KeyboardInterrupt)) else "FAILED")
         raise

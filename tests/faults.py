@@ -9,15 +9,17 @@ import os
 from pathlib import Path
 
 
-def die_once_after(index: int, epoch: int, marker_dir: str):
-    """A trainable: train_trial, but the worker of trial `index` dies (os._exit) right after
-    epoch `epoch` was reported to Tune, once: a file in `marker_dir` records the death."""
+def die_once_after(label: str, epoch: int, marker_dir: str):
+    """A trainable: train_trial, but the worker of the trial labelled `label` dies
+    (os._exit) right after epoch `epoch` was reported to Tune, once: a file in `marker_dir`
+    records the death."""
+    from harness.space import trial_label
     from harness.trainable import train_trial
 
     def trainable(config: dict) -> None:
-        t = config["trial"]
-        marker = Path(marker_dir) / f"died_{t['index']}_{t['label']}"
-        if t["index"] != index or marker.exists():
+        mine = trial_label(config["axes"], config["space"]["label_keys"])
+        marker = Path(marker_dir) / f"died_{mine}"
+        if mine != label or marker.exists():
             return train_trial(config)
 
         def die(rec: dict, out: Path) -> None:

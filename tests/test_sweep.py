@@ -126,8 +126,14 @@ def check_child(c, run, epochs=EPOCHS):
     for key in ("final/snn_test_acc_T01", "final/snn_test_acc_T08", "final/ann_test_acc", "final/best_epoch"):
         assert key in run.data.metrics
     assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"result.json", "residual_hist.json",
-                                                                  "best.pt", "curves.png"}
+                                                                  "curves.png"}
     assert run.data.params["model.arch"] == "cnn_small"
+    full = c.get_run(run.info.run_id)
+    assert len(full.outputs.model_outputs) == 1  # the selected model, logged with mlflow.pytorch
+    (ds,) = full.inputs.dataset_inputs
+    assert ds.dataset.name == "digits" and len(ds.dataset.digest) == 16
+    for tag in ("ray.node_id", "ray.node_ip", "mlflow.source.name", "mlflow.user", "harness.method"):
+        assert full.data.tags.get(tag), tag
     return json.loads(Path(c.download_artifacts(run.info.run_id, "result.json")).read_text())
 
 
@@ -146,8 +152,8 @@ def test_sweep_actor_mlflow_and_retried_trial(ray_local, capsys, tmp_path):
     once: Tune retries it from its epoch-1 checkpoint and it continues its own MLflow run."""
     env = ray_local
     space = write_space(env["root"], "actor2")
-    assert run_space(env, space, faults.die_once_after(1, 1, str(tmp_path))) == 0
-    assert len(list(tmp_path.glob("died_1_*"))) == 1  # the worker really died once
+    assert run_space(env, space, faults.die_once_after("mode=qcfs", 1, str(tmp_path))) == 0
+    assert len(list(tmp_path.glob("died_mode=qcfs"))) == 1  # the worker really died once
     out = capsys.readouterr().out
     assert "harness report --experiment actor2" in out and "2/2 trials finished" in out
     c, parents, children = runs_of(env, "actor2")
@@ -186,13 +192,13 @@ def test_failed_sweep_is_reported_and_resumes(ray_local, capsys, tmp_path):
     from harness.trainable import work_dir
     env = ray_local
     space = write_space(env["root"], "resume2", calibration={"mode": "local"}, failure={"max_failures": 0})
-    assert run_space(env, space, faults.die_once_after(1, 1, str(tmp_path))) == 1
+    assert run_space(env, space, faults.die_once_after("mode=qcfs", 1, str(tmp_path))) == 1
     assert "FAILED after" in capsys.readouterr().out
     c, parents, children = runs_of(env, "resume2")
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
     status = {r.data.tags["harness.trial"]: r.info.status for r in children}
     assert status == {"mode=layerwise": "FINISHED", "mode=qcfs": "FAILED"}  # never left RUNNING
-    done = work_dir({"name": "resume2"}, {"index": 0, "label": "mode=layerwise"}) / "result.json"
+    done, = work_dir(parents[0].info.run_id, "mode=layerwise", "*").parent.glob("mode=layerwise_*/result.json")
     mtime = done.stat().st_mtime_ns
 
     assert run_space(env, space, resume=True) == 0

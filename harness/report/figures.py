@@ -325,3 +325,25 @@ def ablation(runs: pd.DataFrame, setting: str, path: Path, xlabel: str,
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
                    ncol=min(4, len(labels)), frameon=False)   # below the panels
         return _save(fig, path)
+
+
+# ---------------------------------------------------------------- one trial's curves (a run artifact)
+def result_curves(result: dict, path: Path) -> Path:
+    """ANN (val, test) and SNN (selection split, select_T) accuracy per epoch of one
+    trial's result.json, with the selected epoch marked: the child run's curves.png."""
+    hist = [r for r in result["history"] if r.get("ann_test_acc") is not None]
+    ep = [r["epoch"] for r in hist]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(WIDTH, 2.2))
+        ax.plot(ep, [r["ann_test_acc"] for r in hist], "o-", color="tab:gray", label="ANN test")
+        ax.plot(ep, [r["ann_val_acc"] for r in hist], "s--", color="tab:gray", alpha=0.6, label="ANN val")
+        ax.plot(ep, [r["snn_sel_acc"] for r in hist], "^-", color="tab:red",
+                label=f"SNN {result.get('selected_on', 'val')} T={result.get('select_T', '?')}")
+        ax.axvline(result["best_epoch"], color="k", lw=0.8, ls=":", label=f"selected epoch {result['best_epoch']}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{result['method']} {result['config']['model']['arch']} on {result['config']['data']['name']}")
+        ax.legend(loc="lower right", frameon=False)
+        fig.tight_layout()
+        return _save(fig, path)
