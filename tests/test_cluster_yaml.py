@@ -51,3 +51,17 @@ def test_misspelled_keys_fail(cluster, mutate):
     mutate(cluster)
     with pytest.raises((jsonschema.ValidationError, ValueError)):
         validate(cluster)
+
+
+def test_shared_state_is_on_the_shared_file_system(cluster):
+    """Checkpoints, MLflow (runs and artifacts) and the data root are on /mnt/shared, which every
+    host mounts and every container sees; the header says so for --storage-path."""
+    shared = "/mnt/shared"
+    assert any(shared in c and "mount" in c for c in cluster["initialization_commands"])
+    assert f"-v {shared}:{shared}" in cluster["docker"]["run_options"]
+    (server,) = [c for c in cluster["head_start_ray_commands"] if "mlflow server" in c]
+    assert f"--backend-store-uri sqlite:///{shared}/" in server
+    assert "--serve-artifacts" in server and f"--artifacts-destination {shared}/" in server
+    assert any(f"HARNESS_CACHE={shared}/" in c for c in cluster["setup_commands"])
+    header = PATH.read_text().split("cluster_name:")[0]
+    assert f"--storage-path {shared}/ray_results" in header and '--tracking-uri "$MLFLOW_TRACKING_URI"' in header
