@@ -35,10 +35,19 @@ EXPECTED_ERROR = "harness_expected"
 
 
 class ConfigError(HarnessError):
-    """A configuration problem; str() is a single line starting with 'config error: '."""
+    """A configuration problem: one line per problem, each starting with 'config error: '
+    (a config with several bad keys reports all of them at once)."""
 
     kind = "config error"
     exit_code = BAD_INPUT
+
+    def __init__(self, message: str | Sequence[str]):
+        problems = [message] if isinstance(message, str) else list(message)
+        super().__init__(problems[0])
+        self.problems = [" ".join(str(p).split()) for p in problems]
+
+    def __str__(self) -> str:
+        return "\n".join(f"{self.kind}: {p}" for p in self.problems)
 
 
 def expected_error(expected: str, field: str | None = None, value: Any = None) -> PydanticCustomError:
@@ -53,7 +62,9 @@ class Section(BaseModel):
     """Base of every config section (also the search space's): unknown keys are errors,
     inf / nan are never a valid number here."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: `epochs: true` or `epochs: "3"` is an error, not 1 or 3 (a float field still
+    # takes an integer)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 # ---------------------------------------------------------------- schema
@@ -223,7 +234,7 @@ class Config(Section):
         try:
             return cls.model_validate(d)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, model=cls)) from None
+            raise ConfigError(format_validation_errors(exc, model=cls)) from None
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> scalars (lists joined with commas), e.g. for MLflow params."""
@@ -363,7 +374,16 @@ def format_validation_error(exc: ValidationError, prefix_loc: Sequence[str | int
     file); `model`, the validated class, gives precise wording (accepted keys, ranges).
     Wrap the result in ConfigError (or your own error) to add the 'config error:' prefix.
     """
-    err = exc.errors(include_url=False)[0]
+    return format_validation_errors(exc, prefix_loc, model)[0]
+
+
+def format_validation_errors(exc: ValidationError, prefix_loc: Sequence[str | int] = (),
+                             model: type[BaseModel] | None = None) -> list[str]:
+    """One line per error (see `format_validation_error`), in the order pydantic found them."""
+    return [_format_one(err, prefix_loc, model) for err in exc.errors(include_url=False)]
+
+
+def _format_one(err: Mapping[str, Any], prefix_loc: Sequence[str | int], model: type[BaseModel] | None) -> str:
     loc, kind, ctx = tuple(err["loc"]), err["type"], err.get("ctx") or {}
     shown = tuple(prefix_loc) + loc
     if kind == "extra_forbidden":

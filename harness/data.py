@@ -16,6 +16,8 @@ import multiprocessing
 import os
 import pickle
 import tarfile
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Sequence
@@ -304,10 +306,29 @@ def _download_cifar(name: str, root: Path) -> None:
         raise DataError(f"downloading {name} into {str(root)!r} failed: {exc}") from None
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR's pickles hold (dicts, lists, strings, numbers and numpy
+    arrays): a crafted file in data.root cannot run code (pickle.load would)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+               *(("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray",
+                                           "str", "int", "float", "complex", "bool"))}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch")
+        return super().find_class(module, name)
+
+
 def _read_cifar(folder: Path, spec: dict[str, Any]) -> dict[str, Any]:
     def load(name: str) -> dict[str, Any]:
         with open(folder / name, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            try:
+                return _CifarUnpickler(f, encoding="latin1").load()
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+                raise DataError(f"{folder / name} is not a CIFAR batch ({e})") from None
 
     def split(names: list[str]) -> tuple[Tensor, Tensor]:
         parts = [load(n) for n in names]
@@ -349,10 +370,29 @@ def _is_image(name: str) -> bool:
 
 
 def _scan_folder(root: Path) -> dict[str, list[tuple[str, Any]]]:
-    """{split: [(class, path)]} from root/<split>/<class>/<file>."""
-    return {split: [(d.name, p) for d in sorted((root / split).iterdir()) if d.is_dir()
-                    for p in sorted(d.iterdir()) if _is_image(p.name)]
-            for split in SPLITS if (root / split).is_dir()}
+    """{split: [(class, path)]} from root/<split>/<class>/<file>. Symbolic links (files or
+    class folders) are skipped, counted: they could reach outside the data root."""
+    out: dict[str, list[tuple[str, Any]]] = {}
+    links = 0
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            continue
+        items = []
+        for d in sorted((root / split).iterdir()):
+            if d.is_symlink():
+                links += sum(1 for p in d.iterdir() if _is_image(p.name)) if d.is_dir() else 1
+                continue
+            if not d.is_dir():
+                continue
+            for p in sorted(d.iterdir()):
+                if _is_image(p.name):
+                    if p.is_symlink() or not p.is_file():
+                        links += 1
+                    else:
+                        items.append((d.name, p))
+        out[split] = items
+    _warn_skipped(links, str(root))
+    return out
 
 
 def _split_and_class(name: str) -> tuple[str, str] | None:
@@ -365,18 +405,39 @@ def _split_and_class(name: str) -> tuple[str, str] | None:
 
 
 def _scan_archive(path: Path) -> dict[str, list[tuple[str, Any]]]:
-    """{split: [(class, (member name, bytes))]} read straight from a tar(.gz) archive."""
+    """{split: [(class, (member name, bytes))]} read straight from a tar(.gz) archive.
+    Links and members whose path leaves its folder (`..`, absolute) are skipped, counted."""
     entries: dict[str, list[tuple[str, Any]]] = {}
+    unsafe = 0
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
+                if not _is_image(member.name):
+                    continue
+                if not member.isfile() or not _safe_member(member.name):
+                    unsafe += 1
+                    continue
                 where = _split_and_class(member.name)
-                if member.isfile() and where and _is_image(member.name):
-                    data = tar.extractfile(member).read()
-                    entries.setdefault(where[0], []).append((where[1], (member.name, data)))
-    except (tarfile.TarError, OSError) as exc:
-        raise DataError(f"cannot read archive {str(path)!r}: {exc}") from None
+                if not where:
+                    continue
+                data = tar.extractfile(member).read()
+                entries.setdefault(where[0], []).append((where[1], (member.name, data)))
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"cannot read archive {str(path)!r} ({type(exc).__name__}: {exc or 'truncated'}); "
+                        "expected a complete .tar or .tar.gz of train/<class>/ and test/<class>/") from None
+    _warn_skipped(unsafe, str(path))
     return entries
+
+
+def _safe_member(name: str) -> bool:
+    p = PurePosixPath(name)
+    return not p.is_absolute() and ".." not in p.parts
+
+
+def _warn_skipped(n: int, source: str) -> None:
+    if n:
+        warnings.warn(f"{source}: skipped {n} image(s) that are links or whose path leaves their folder",
+                      stacklevel=3)
 
 
 def _build_imagefolder(entries: dict[str, list[tuple[str, Any]]], source: str) -> dict[str, Any]:

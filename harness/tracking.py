@@ -80,9 +80,37 @@ def normalize_uri(uri: str | None) -> str:
         path = uri[len("sqlite:///"):]
         if path in ("", ":memory:"):
             raise TrackingError(f"--tracking-uri {uri!r} (expected a database file)")
-        return f"sqlite:///{Path(path).expanduser().absolute().as_posix()}"
+        db = Path(path).expanduser().absolute()
+        check_sqlite_store(db, uri)
+        return f"sqlite:///{db.as_posix()}"
     raise TrackingError(f"--tracking-uri {uri!r} is not supported (expected sqlite:///PATH.db or "
                         "http(s)://SERVER; MLflow's file store is not used)")
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_sqlite_store(db: Path, uri: str) -> None:
+    """An existing file must be an SQLite database that is empty or MLflow's (it has an
+    `experiments` table); a new file must be creatable."""
+    if db.is_dir():
+        raise TrackingError(f"--tracking-uri {uri!r} names a folder (expected an SQLite database file)")
+    if not db.exists():
+        if not db.parent.is_dir():
+            raise TrackingError(f"--tracking-uri {uri!r}: folder {db.parent} does not exist")
+        return
+    with open(db, "rb") as f:
+        head = f.read(len(SQLITE_MAGIC))
+    if head and head != SQLITE_MAGIC:
+        raise TrackingError(f"--tracking-uri {uri!r}: {db} is not an SQLite database (expected an MLflow "
+                            "store, or a new file name)")
+    if head:
+        import sqlite3
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+        if tables and "experiments" not in tables:
+            raise TrackingError(f"--tracking-uri {uri!r}: {db} is an SQLite database but not an MLflow store "
+                                f"(its tables: {', '.join(sorted(tables)[:5])})")
 
 
 def db_path(uri: str) -> Path | None:

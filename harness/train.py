@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import Calibrator, LocalCalibrator, ResidualStats, get_deltas, set_deltas
-from .config import Config
+from .config import Config, ConfigError
 from .convert import activation_layers, to_snn
 from .data import CalibrationSet, Dataset, Loader, load_dataset
 from .errors import BAD_INPUT, HarnessError
@@ -217,9 +217,24 @@ class Trial:
 
 
 def _device(cfg: Config) -> torch.device:
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' (expected auto or cpu: torch finds no CUDA device here)")
     if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def check_out_dir(out: Path) -> None:
+    """`out` must be a folder, or creatable as one, before anything is loaded or written."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file (expected a folder, existing or new)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunDirError(f"--out {out} cannot be created: {parent} is a file (expected a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"--out {out} cannot be created: {parent} is not writable")
 
 
 def build(cfg: Config, out_dir: str | Path, calibrator: Calibrator | None = None,
@@ -286,16 +301,16 @@ def resume(trial: Trial, extra: dict) -> TrialState:
     if trial.cfg.train.epochs < state.epoch:
         raise RunDirError(f"train.epochs = {trial.cfg.train.epochs}, but {trial.out} has already trained "
                           f"{state.epoch} epochs (expected train.epochs >= {state.epoch})")
+    _check_fits(trial.model, ck["model"], path, trial.cfg.model.arch)
+    trial.model.load_state_dict(ck["model"])
+    try:
+        trial.opt.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: its optimiser state does not fit ({str(e).splitlines()[0]})") from None
     if "train.epochs" in changed and state.extended_from is None:
         state.extended_from = ck["config"]["train"]["epochs"]
         _say(f"notice: extending the run from {state.extended_from} to {trial.cfg.train.epochs} epochs; the "
              "cosine schedule is stretched from here on, so it is not the same as a fresh run")
-    try:
-        trial.model.load_state_dict(ck["model"])
-        trial.opt.load_state_dict(ck["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path} does not fit model.arch = {trial.cfg.model.arch} "
-                              f"({str(e).splitlines()[0]})") from None
     trial.scaler.load_state_dict(ck["scaler"])
     torch.set_rng_state(ck["rng"]["cpu"])
     if trial.device.type == "cuda" and ck["rng"].get("cuda") is not None:
@@ -305,6 +320,16 @@ def resume(trial: Trial, extra: dict) -> TrialState:
     if trial.progress:
         _say(f"resumed from {path} after epoch {state.epoch}")
     return state
+
+
+def _check_fits(model: torch.nn.Module, state_dict: dict, path: Path, arch: str) -> None:
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in mine]
+    shapes = [k for k in mine if k in state_dict and tuple(mine[k].shape) != tuple(state_dict[k].shape)]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{path} does not fit model.arch = {arch} ({len(missing)} missing, {len(unexpected)} "
+                              f"unexpected and {len(shapes)} mis-shaped tensors); delete it or choose another --out")
 
 
 def train_epoch(trial: Trial, state: TrialState, epoch: int) -> dict:
@@ -441,6 +466,7 @@ def run(cfg: Config, out_dir: str | Path, *, calibrator: Calibrator | None = Non
     resolved config, calibration set); `callbacks(record, out_dir)` run after each epoch's
     checkpoint is written. `extra` is stored in the checkpoint (e.g. an MLflow run id).
     Returns what result.json holds."""
+    check_out_dir(Path(out_dir).absolute())
     trial = build(cfg, out_dir, calibrator, progress, trial_id)
     trial.out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
     extra = dict(extra or {})

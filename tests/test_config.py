@@ -103,10 +103,35 @@ def test_missing_file(tmp_path):
     assert str(info.value) == f"config error: file '{path}' not found"
 
 
-def test_first_error_only_and_one_line():
+def test_every_error_at_once_one_line_each():
     with pytest.raises(ConfigError) as info:
         Config.from_dict({"train": {"epochs": 0, "lr": -1}, "noise": {"mode": "x"}})
-    assert str(info.value).count("config error:") == 1
+    assert str(info.value).splitlines() == [
+        "config error: noise.mode = 'x' (expected one of: qcfs, fixed, layerwise)",
+        "config error: train.epochs = 0 (expected an integer >= 1)",
+        "config error: train.lr = -1 (expected a number > 0 or null)"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {epochs: true}", "config error: train.epochs = True (expected an integer >= 1)"),
+    ("train: {epochs: '3'}", "config error: train.epochs = '3' (expected an integer >= 1)"),
+    ("model: {L: 4.0}", "config error: model.L = 4.0 (expected an integer >= 1)"),
+    ("data: {augment: {flip: 1}}", "config error: data.augment.flip = 1 (expected true or false, or null)"),
+    ("train: {lr: .inf}", "config error: train.lr = inf (expected a number > 0 or null)"),
+])
+def test_no_silent_coercion(tmp_path, text, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert str(info.value) == message
+    assert load_config(write(tmp_path, "train: {lr: 1}")).train.lr == 1.0  # an int is a number
+
+
+def test_binary_file_is_one_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"config error: file '{path}' is not UTF-8 text (expected a YAML file)"
 
 
 def test_T_sorted_and_deduplicated(tmp_path):
