@@ -4,8 +4,8 @@ Ray is imported only by `SearchSpace.param_space()`.
     name: quickstart                 # default experiment name (else the file's stem)
     data: {...}  model: {...}  noise: {...}  train: {...}  eval: {...}   # the base config
     grid:                            # tune.grid_search over dotted config keys: every
-      noise.mode: [qcfs, layerwise]  #   combination runs
-      train.seed: [0, 1]
+      noise.mode: [qcfs, layerwise]  #   combination runs; a whole section varies several
+      train.seed: [0, 1]             #   keys together: noise: [{mode: fixed, delta: 0.1}, ...]
     sample:                          # Tune samplers over dotted keys, drawn num_samples
       train.lr: {loguniform: [0.01, 0.2]}     # times (for each grid combination)
       model.L: {choice: [2, 4, 8]}   #   also: uniform [lo, hi], randint [lo, hi)
@@ -37,7 +37,7 @@ from typing import Any, Literal, Mapping, Sequence
 from pydantic import Field, ValidationError, model_validator
 
 from .config import (Config, ConfigError, Section, apply_override, check_dotted_key, check_unique_overrides,
-                     expected_error, format_validation_error, read_yaml, set_dotted)
+                     deep_merge, expected_error, format_validation_error, read_yaml, set_dotted)
 
 __all__ = ["SearchSpace", "Trial", "SpaceCfg", "load_space", "NAME_PATTERN", "trial_label"]
 
@@ -93,9 +93,9 @@ class OverrideCfg(Section):
 class SamplerCfg(Section):
     """Exactly one of: choice [values], uniform [lo, hi], loguniform [lo, hi], randint [lo, hi)."""
     choice: list[Any] | None = Field(None, min_length=1)
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None
+    uniform: list[float] | None = Field(None, min_length=2, max_length=2)
+    loguniform: list[float] | None = Field(None, min_length=2, max_length=2)
+    randint: list[int] | None = Field(None, min_length=2, max_length=2)
 
     @model_validator(mode="after")
     def _one(self) -> SamplerCfg:
@@ -202,7 +202,7 @@ def trial_config(base: Mapping[str, Any], values: Mapping[str, Any], overrides: 
     """Base config, then the axis values, then every override whose `match` holds."""
     d = copy.deepcopy(dict(base))
     for key, value in values.items():
-        set_dotted(d, key, copy.deepcopy(value))
+        _set_axis(d, key, value)
     for o in overrides:
         match, to_set = (o["match"], o["set"]) if isinstance(o, Mapping) else (o.match, o.set)
         if all(_get(d, k) == v for k, v in match.items()):
@@ -210,6 +210,18 @@ def trial_config(base: Mapping[str, Any], values: Mapping[str, Any], overrides: 
                 set_dotted(d, k, copy.deepcopy(v))
     _resolve_paths(d, Path(space_dir))
     return Config.model_validate(d)
+
+
+def _set_axis(d: dict, key: str, value: Any) -> None:
+    """Set an axis value; a mapping (a section axis, e.g. `noise: [{mode: fixed, delta: 0.1},
+    {mode: layerwise, tau: 2}]`) is merged into what is there, so keys vary together."""
+    if isinstance(value, Mapping):
+        node = d
+        for part in key.split("."):
+            node = node.setdefault(part, {})
+        node.update(deep_merge(node, value))
+    else:
+        set_dotted(d, key, copy.deepcopy(value))
 
 
 def trial_label(values: Mapping[str, Any], label_keys: Sequence[str]) -> str:
@@ -286,14 +298,22 @@ def _validated(space: SearchSpace, values: dict, label: str) -> Trial:
 def _with(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict:
     d = copy.deepcopy(dict(base))
     for k, v in values.items():
-        set_dotted(d, k, v)
+        _set_axis(d, k, v)
     return d
 
 
 def _check_grid(grid: Mapping[str, Any]) -> dict[str, list[Any]]:
     axes: dict[str, list[Any]] = {}
     for key, values in grid.items():
-        check_dotted_key(str(key), "grid")
+        if str(key) in SECTIONS:  # a whole section: its values are mappings varied together
+            if not isinstance(values, list) or not all(isinstance(v, Mapping) for v in values):
+                raise ConfigError(f"grid.{key} = {values!r} (expected a non-empty list of mappings of "
+                                  f"{key} keys, varied together)")
+            for v in values:
+                for k in v:
+                    check_dotted_key(f"{key}.{k}", "grid")
+        else:
+            check_dotted_key(str(key), "grid")
         if not isinstance(values, list):
             raise ConfigError(f"grid.{key} = {values!r} (expected a non-empty list of values)")
         if not values:
