@@ -643,18 +643,23 @@ def command(quick: bool, threads: int, reps: int, setup: Setup, batch: int | Non
     return " ".join(cmd)
 
 
-def run(quick: bool, threads: int, reps: int = DEFAULT_REPS, *, setup: Setup = CPU, batch: int | None = None,
-        parts: tuple[str, ...] = PARTS) -> str:
-    set_threads(threads)
+def config(quick: bool, batch: int | None = None) -> dict:
     cfg = dict(QUICK if quick else FULL)
     if batch is not None:
         cfg["batch"] = batch
+    return cfg
+
+
+def iter_parts(quick: bool, threads: int, reps: int = DEFAULT_REPS, *, setup: Setup = CPU,
+               batch: int | None = None, parts: tuple[str, ...] = PARTS):
+    """(title, Markdown body) of each part in `parts`, computed one at a time."""
+    cfg = config(quick, batch)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown part(s) {unknown} (expected some of: {', '.join(PARTS)})")
     if setup.cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda, but torch.cuda.is_available() is False")
-    t0 = time.perf_counter()
+    set_threads(threads)
     makers = {
         "speed": ("(a–d) Simulation speed vs one ANN inference and peers", lambda: part_speed(cfg, reps, setup)[0]),
         "allT": ("(e) All-T readout from one simulation vs separate simulations", lambda: part_all_T(cfg, reps, setup)),
@@ -662,12 +667,24 @@ def run(quick: bool, threads: int, reps: int = DEFAULT_REPS, *, setup: Setup = C
         "scaling": ("(g) Scaling with T", lambda: part_scaling(cfg, reps, setup)),
         "roofline": ("(h) Roofline position", lambda: part_roofline(cfg, reps, threads, setup)),
     }
-    done = [(makers[p][0], makers[p][1]()) for p in PARTS if p in parts]
+    for p in PARTS:
+        if p in parts:
+            yield makers[p][0], makers[p][1]()
+
+
+def targets_line(quick: bool) -> str:
+    cfg = config(quick)
+    return (f"Targets (stated, not enforced): per-step ≤ {TARGET_STEP}× ANN inference (median of paired "
+            f"ratios); all-T readout ≥ {TARGET_ALLT}× faster than separate runs; chunked peak at "
+            f"T={cfg['mem_T']} ≤ {TARGET_MEM}× peak at T={cfg['mem_small_T']}.")
+
+
+def run(quick: bool, threads: int, reps: int = DEFAULT_REPS, *, setup: Setup = CPU, batch: int | None = None,
+        parts: tuple[str, ...] = PARTS) -> str:
+    t0 = time.perf_counter()
+    done = list(iter_parts(quick, threads, reps, setup=setup, batch=batch, parts=parts))
     body = "\n\n".join(f"### {t}\n\n{b}" for t, b in done)
-    body += (f"\n\nTargets (stated, not enforced): per-step ≤ {TARGET_STEP}× ANN inference (median of paired "
-             f"ratios); all-T readout ≥ {TARGET_ALLT}× faster than separate runs; chunked peak at "
-             f"T={cfg['mem_T']} ≤ {TARGET_MEM}× peak at T={cfg['mem_small_T']}. "
-             f"Section wall time {time.perf_counter() - t0:.0f} s.")
+    body += f"\n\n{targets_line(quick)} Section wall time {time.perf_counter() - t0:.0f} s."
     return section("Simulation", command(quick, threads, reps, setup, batch, tuple(parts)), body)
 
 
