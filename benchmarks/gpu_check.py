@@ -12,8 +12,9 @@ past what the later steps need), and one that fails or times out is recorded and
                                defaults), batch 256: layouts, all-T, memory, T-scaling, roofline
   simulate amp   simulate.md   the same under fp16 autocast with channels_last (speed, all-T,
                                scaling, roofline)
-  activation cpu activation.md benchmarks/activation.py as it is (it has no device option: it
-                               measures the host's CPU; see the note written there)
+  activation cpu activation.md benchmarks/activation.py --quick as it is (it has no device option:
+                               it measures the host's CPU; the note written there says what it
+                               would need for CUDA)
   activation cuda activation.md the training step of activation.py's variants on CUDA (fp32 NCHW;
                                AMP + channels_last), with activation.py's own model builders
   data           (log)         decode the CIFAR-10 archive once into the harness cache
@@ -300,7 +301,9 @@ def activation_worker(spec: dict) -> None:
         f.write(f"## Activation training step on {name} (gpu_check.py)\n\n{ACTIVATION_CUDA_NEEDS}\n\n"
                 f"ResNet-20, batch {B}, random 3×32×32 input, SGD (momentum 0.9, wd 5e-4), train mode, the "
                 f"default ('nq') gradient; median of {reps} interleaved repetitions of {steps} step(s) after one "
-                "warm-up, each ending with torch.cuda.synchronize().\n\n"
+                + ("warm-up, each ending with torch.cuda.synchronize()." if sync else "warm-up.")
+                + (" HARNESS_FUSED=0 was set for this run: every variant ran eager ops."
+                   if os.environ.get("HARNESS_FUSED") == "0" else "") + "\n\n"
                 + table(["setting", "activation", "ms / step", "images/s", "vs ReLU"], rows) + "\n\n")
 
 
@@ -609,7 +612,9 @@ def write_summary(plan: Plan, outdir: Path, args, archive: Path | None) -> None:
         tmo = f"{s['timeout_s']:.0f}" if s.get("timeout_s") is not None else "—"
         rows.append(f"| {s['step']} | {s['status']} | {s.get('wall_s', 0):.0f} | {tmo} | {s.get('why', '')} |")
     files = [f for f in FILES if (outdir / f).exists() or f == "summary.md"]
-    text = (f"# GPU check{' (dry run)' if args.dry_run else ''}\n\n"
+    note = ("Dry run: toy sizes on the CPU, synthetic data, HARNESS_FUSED=0 in every step (eager kernels, no "
+            "torch.compile); it tests this script, and its timings mean nothing.\n\n" if args.dry_run else "")
+    text = (f"# GPU check{' (dry run)' if args.dry_run else ''}\n\n{note}"
             f"Budget {plan.budget:.0f} s (steps end {MARGIN} s before it); used {plan.elapsed():.0f} s. "
             f"Archive: `{archive}`.\n\n" + "\n".join(rows)
             + "\n\nFiles: " + ", ".join(f"`{f}`" for f in files) + ".\n")
@@ -685,8 +690,9 @@ def main(argv: list[str] | None = None) -> int:
         act_md.write_text("## Activation (benchmarks/activation.py, as it is: on the host CPU)\n\n"
                           + ACTIVATION_CUDA_NEEDS.split(" The section below")[0] + " Its CPU run on this host:\n\n")
     step("activation cpu (activation.py as is)", "activation",
-         [sys.executable, "benchmarks/activation.py", *(["--quick"] if dry else []), "--threads", str(1 if dry else ncpu)],
-         50, stdout_to=act_md)
+         # --quick: its CPU figures are not what this run is for, and they must not eat the budget
+         [sys.executable, "benchmarks/activation.py", "--quick", "--threads", str(1 if dry else ncpu)],
+         45, stdout_to=act_md)
     step("activation cuda", "activation", me("--activation-worker", {
         "out": str(act_md), "device": dev, "batch": 4 if dry else 128, "steps": 1 if dry else 5,
         "reps": 1 if dry else 5, "settings": [[False, False]] + ([] if dry else [[True, True]])}), 60)
