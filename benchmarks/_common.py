@@ -1,8 +1,12 @@
-"""Shared helpers: argument parsing, interleaved timing, Markdown tables.
+"""Shared helpers: argument parsing, interleaved and paired timing, Markdown tables.
 
-Every number the benchmarks report as a comparison is a ratio of medians measured
-side by side in the same process: each repetition runs every contender once (in
-a rotated order), after one warm-up call of each."""
+Every number the benchmarks report as a comparison is measured side by side in the same
+process: each repetition runs every contender once (in a rotated order), after one
+warm-up call of each (`interleaved`: ratios of medians). Where a cost is judged against a
+baseline whose own time drifts with the machine's load (one SNN step against one ANN
+inference), `paired` times the baseline right before and after each contender in every
+repetition, and the figure is the median of the per-repetition ratios, with their range
+(`spread`). `sync` (torch.cuda.synchronize on a GPU) ends every timed call."""
 from __future__ import annotations
 
 import argparse

@@ -6,7 +6,7 @@
 # 1. On the development machine, once (the GPU machine gets only the checkout, and no network):
 #      bash benchmarks/gpu_check.sh --prepare
 #    copies the CIFAR-10 archive to .data/cifar10-jpeg.tar.gz and downloads into .whl/ the
-#    wheels the GPU image lacks (pydantic and its parts, spikingjelly; CPython 3.12,
+#    wheels the GPU image lacks (pydantic and its parts, spikingjelly and its loguru; CPython 3.12,
 #    manylinux x86-64). Both folders are ignored by git.
 # 2. On the GPU machine (device tool: carry [".data", ".whl"], timeout_s 600):
 #      bash benchmarks/gpu_check.sh --out "$OUT"
@@ -30,7 +30,7 @@ pick_python() {
 }
 PY=$(pick_python)
 # what the GPU image lacks (KINDS.md lists its packages); versions: those of $PY where it has them
-NEEDED="pydantic pydantic-core annotated-types typing-inspection typing-extensions spikingjelly"
+NEEDED="pydantic pydantic-core annotated-types typing-inspection typing-extensions spikingjelly loguru"
 
 if [ "${1:-}" = "--prepare" ]; then
     src=${CIFAR_ARCHIVE:-../shared/data/cifar10-jpeg.tar.gz}

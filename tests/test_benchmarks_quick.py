@@ -232,7 +232,7 @@ def test_gpu_check_dry_run_writes_every_file(tmp_path):
     pytest.importorskip("spikingjelly")
     out = tmp_path / "gpu"
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200,
                           env={**__import__("os").environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     names = sorted(p.name for p in out.iterdir())
