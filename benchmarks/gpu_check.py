@@ -32,8 +32,9 @@ past what the later steps need), and one that fails or times out is recorded and
 
 log.txt holds everything the steps printed. At most 8 files, all at the top of --out.
 
---dry-run: every step at toy size on the CPU in well under a minute on an idle machine
-(synthetic images, cnn_small for 1-2 epochs, quick benchmarks), to test this script.
+--dry-run: every step at toy size on the CPU (synthetic images, cnn_small for 1 + 2 epochs,
+quick benchmarks at batch 2, eager kernels), to test this script: about a minute of CPU time
+(nine Python processes that each import torch); caps and budget are 4x / 900 s there.
 """
 from __future__ import annotations
 

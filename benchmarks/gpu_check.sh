@@ -11,7 +11,7 @@
 # 2. On the GPU machine (device tool: carry [".data", ".whl"], timeout_s 600):
 #      bash benchmarks/gpu_check.sh --out "$OUT"
 #    then commit what it wrote under reports/gpu/ (the default --out when $OUT is unset).
-# 3. To test this script on a CPU (toy sizes, synthetic data, about a minute):
+# 3. To test this script on a CPU (toy sizes, synthetic data, about a minute of CPU time):
 #      bash benchmarks/gpu_check.sh --dry-run --out /tmp/gpu_check_dry
 #
 # Options (passed to gpu_check.py): --out DIR, --data ARCHIVE (default: $CIFAR_ARCHIVE, then
