@@ -41,7 +41,7 @@ if __package__ in (None, ""):
 import torch
 from torch import nn
 
-from benchmarks._common import (DEFAULT_REPS, fmt_spread, interleaved, interleaved_times, paired,
+from benchmarks._common import (DEFAULT_REPS, fmt, fmt_spread, interleaved, interleaved_times, paired,
                                 parser, ratio, section, set_threads, spread, table, target)
 
 SCRIPT = "simulate.py"
@@ -273,7 +273,8 @@ def part_speed(cfg, reps, setup: Setup = CPU) -> tuple[str, dict]:
             med = {n: spread(v)["median"] for n, v in times.items()}
             ann_s = spread(every)
             rows.append([arch, T, ANN, ann_s["median"] * 1e3, ann_s["median"] * 1e3, B / ann_s["median"],
-                         f"1.00× (ANN {ann_s['min'] * 1e3:.3g}–{ann_s['max'] * 1e3:.3g} ms)", "—"])
+                         f"1.00× (ANN {fmt(ann_s['min'] * 1e3)}–{fmt(ann_s['max'] * 1e3)} ms, "
+                         f"{len(every)} calls)", "—"])
             step = {n: _per_rep(times[n], base[n], 1 / T) for n in fns}
             for name, s in med.items():
                 rows.append([arch, T, name, s * 1e3, s / T * 1e3, B * T / s, fmt_spread(step[name]),
