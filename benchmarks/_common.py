@@ -1,8 +1,12 @@
-"""Shared helpers: argument parsing, interleaved timing, Markdown tables.
+"""Shared helpers: argument parsing, interleaved and paired timing, Markdown tables.
 
-Every number the benchmarks report as a comparison is a ratio of medians measured
-side by side in the same process: each repetition runs every contender once (in
-a rotated order), after one warm-up call of each."""
+Every number the benchmarks report as a comparison is measured side by side in the same
+process: each repetition runs every contender once (in a rotated order), after one
+warm-up call of each (`interleaved`: ratios of medians). Where a cost is judged against a
+baseline whose own time drifts with the machine's load (one SNN step against one ANN
+inference), `paired` times the baseline right before and after each contender in every
+repetition, and the figure is the median of the per-repetition ratios, with their range
+(`spread`). `sync` (torch.cuda.synchronize on a GPU) ends every timed call."""
 from __future__ import annotations
 
 import argparse
@@ -47,22 +51,83 @@ def section(title: str, cmd: str, body: str) -> str:
     return f"## {title}\n\nReproduce: `{cmd}`\n\n{body.strip()}\n"
 
 
-def interleaved(fns: dict[str, Callable[[], object]], reps: int = DEFAULT_REPS,
-                warmup: int = 1) -> dict[str, float]:
-    """Median wall time (s) of each callable; repetitions are interleaved, the order
-    rotates by one every repetition, and `warmup` untimed calls of each come first."""
+def _timed(fn: Callable[[], object], sync: Callable[[], None] | None) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - t0
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], reps: int = DEFAULT_REPS, warmup: int = 1,
+                      sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Wall times (s) of every repetition of each callable. Repetitions are interleaved, the
+    order rotates by one every repetition, and `warmup` untimed calls of each come first.
+    `sync` (e.g. torch.cuda.synchronize) runs inside each timed call, after it."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n]()
+        if sync is not None:
+            sync()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
         k = r % len(names)
         for n in names[k:] + names[:k]:
-            t0 = time.perf_counter()
+            times[n].append(_timed(fns[n], sync))
+    return times
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int = DEFAULT_REPS,
+                warmup: int = 1, sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median wall time (s) of each callable (see `interleaved_times`)."""
+    return {n: statistics.median(v) for n, v in interleaved_times(fns, reps, warmup, sync).items()}
+
+
+def paired(baseline: Callable[[], object], fns: dict[str, Callable[[], object]], reps: int = DEFAULT_REPS,
+           warmup: int = 1, sync: Callable[[], None] | None = None
+           ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[float]]:
+    """Each contender timed next to its own baseline, in every repetition.
+
+    One repetition runs  B, c1, B, c2, B, ..., cn, B  (the contenders' order rotates by one
+    every repetition); the baseline paired with contender ci in that repetition is the mean
+    of the two baseline calls around it. Returns (contender times, their paired baseline
+    times, every baseline call), each contender's lists in repetition order, so
+    `times[n][r] / base[n][r]` is repetition r's paired ratio: a slow spell of the machine
+    moves both sides of a ratio, not one row against another."""
+    names = list(fns)
+    for _ in range(warmup):
+        baseline()
+        for n in names:
             fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(v) for n, v in times.items()}
+        if sync is not None:
+            sync()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    base: dict[str, list[float]] = {n: [] for n in names}
+    every: list[float] = []
+    for r in range(reps):
+        k = r % len(names) if names else 0
+        before = _timed(baseline, sync)
+        every.append(before)
+        for n in names[k:] + names[:k]:
+            times[n].append(_timed(fns[n], sync))
+            after = _timed(baseline, sync)
+            every.append(after)
+            base[n].append(0.5 * (before + after))
+            before = after
+    return times, base, every
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """median, min, max, quartiles (statistics.quantiles, 'inclusive') and n of `values`."""
+    v = sorted(values)
+    q1, q3 = (statistics.quantiles(v, n=4, method="inclusive")[::2] if len(v) >= 2 else (v[0], v[0]))
+    return dict(median=statistics.median(v), min=v[0], max=v[-1], q1=q1, q3=q3, n=len(v))
+
+
+def fmt_spread(s: dict[str, float], unit: str = "×") -> str:
+    """'1.12× (range 1.05–1.19×, n=5)'."""
+    return f"{s['median']:.2f}{unit} (range {s['min']:.2f}–{s['max']:.2f}{unit}, n={s['n']})"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

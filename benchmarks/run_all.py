@@ -1,7 +1,11 @@
 """Run the benchmarks and write one Markdown report.
 
-    python benchmarks/run_all.py [--quick] [--threads N] [--out reports/benchmarks.md]
-                                 [--only simulate,data_pipeline,activation,calibration,sweep_overhead]
+    python benchmarks/run_all.py [--quick] [--threads N] [--out reports/benchmarks.md] [--reps R]
+                                 [--only simulate,data_pipeline,activation,calibration,sweep_overhead,accuracy_compute]
+                                 [--tracking-uri URI] [--experiment NAME]
+
+`--tracking-uri` / `--experiment` name the MLflow sweep that accuracy_compute reads
+(default: sqlite:///<repository>/mlflow.db, experiment cpu_cifar10, its newest parent run).
 
 The report starts with the machine (CPU model, CPU count, threads, versions, date),
 then one section per benchmark, in the order above; every section names the command
@@ -62,7 +66,9 @@ def machine_header(quick: bool, threads: int, argv: list[str]) -> str:
         "repetitions after a warm-up); targets are stated next to the measured values and never enforced.\n")
 
 
-def run_section(name: str, quick: bool, threads: int, reps: int | None = None) -> str:
+def run_section(name: str, quick: bool, threads: int, reps: int | None = None, **options) -> str:
+    """One benchmark's section. `reps` and `options` (e.g. tracking_uri) go to the benchmark's
+    `run` where it takes them; options left None are not passed."""
     if name == "sweep_overhead" and not (ROOT / "benchmarks" / "sweep_overhead.py").exists():
         return (f"## {TITLES[name]}\n\nNot available: `benchmarks/sweep_overhead.py` is not present "
                 "in this checkout.\n")
@@ -72,9 +78,9 @@ def run_section(name: str, quick: bool, threads: int, reps: int | None = None) -
             return (f"## {TITLES[name]}\n\nNot available: `benchmarks/{name}.py` has no "
                     f"`run(quick, threads)` function yet; run `python benchmarks/{name}.py` directly.\n")
         import inspect
-        if reps is not None and "reps" in inspect.signature(mod.run).parameters:
-            return mod.run(quick, threads, reps=reps)
-        return mod.run(quick, threads)
+        params = inspect.signature(mod.run).parameters
+        kwargs = {k: v for k, v in {"reps": reps, **options}.items() if v is not None and k in params}
+        return mod.run(quick, threads, **kwargs)
     except Exception as e:
         tb = traceback.format_exc(limit=3)
         return (f"## {TITLES[name]}\n\nFailed: `{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}`"
@@ -99,6 +105,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", default="reports/benchmarks.md", help="Markdown file to write")
     p.add_argument("--only", help=f"comma-separated subset of: {', '.join(ORDER)}")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions where a benchmark takes it")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store of the sweep (accuracy_compute)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment of the sweep (accuracy_compute)")
     args = p.parse_args(argv)
     names = parse_only(args.only)
     import torch
@@ -109,7 +117,8 @@ def main(argv: list[str] | None = None) -> Path:
     for name in names:
         t0 = time.perf_counter()
         print(f"run_all: {name} ...", file=sys.stderr, flush=True)
-        parts.append(run_section(name, args.quick, args.threads, args.reps))
+        parts.append(run_section(name, args.quick, args.threads, args.reps,
+                                 tracking_uri=args.tracking_uri, experiment=args.experiment))
         print(f"run_all: {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("\n".join(parts))  # partial results survive an interruption
