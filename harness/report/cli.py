@@ -165,7 +165,12 @@ def write_report(col: Collected, out: Path, fmts: set[str]) -> dict[str, list[Pa
         _write("table1.md", tables.render_table1_md(blocks))
         _write("table2.md", tables.render_table2_md(t2_md, tables.load_published_table2()))
     if "tex" in fmts:
+        from . import latex
+        _write("preamble.tex", latex.preamble_tex())
         _write("table1.tex", tables.render_table1_tex(blocks))
+        delta_tex = tables.render_table1_delta_tex(blocks)
+        if delta_tex is not None:
+            _write("table1_delta.tex", delta_tex)
         _write("table2.tex", tables.render_table2_tex(t2_md))
     if "png" in fmts:
         written["figures"] = _write_figures(col, out)

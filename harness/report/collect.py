@@ -23,7 +23,7 @@ __all__ = [
     "SETTING_LABELS", "T_COLUMNS_RE", "dataset_key", "dataset_label", "arch_label",
     "sanitize", "method_order", "arch_order", "EXCLUDED_PARAMS", "KEY_PARAMS",
     "relevant_methods", "setting_label", "is_setting_column", "tidy_runs", "parent_table",
-    "select_parent", "FINAL_METRICS",
+    "select_parent", "FINAL_METRICS", "dataset_display",
 ]
 
 log = logging.getLogger(__name__)
@@ -143,14 +143,25 @@ def dataset_key(name: str | None, root: str | None) -> str:
     return name or "unknown"
 
 
+_IMAGEFOLDER = " (imagefolder)"
+
+
 def dataset_label(name: str | None, root: str | None, tag: str | None = None) -> str:
     if tag is not None and isinstance(tag, str) and tag.strip():
         return tag.strip()
     key = dataset_key(name, root)
     label = _DATASET_LABELS.get(key, key)
     if (name or "").lower() == "imagefolder" and key in ("cifar10", "cifar100"):
-        label += " (imagefolder)"
+        label += _IMAGEFOLDER
     return label
+
+
+def dataset_display(key: str, label: str | None = None) -> str:
+    """The data set's name for captions: the label without the source suffix that
+    :func:`dataset_label` adds ("CIFAR-10 (imagefolder)" -> "CIFAR-10")."""
+    if label:
+        return label[:-len(_IMAGEFOLDER)] if label.endswith(_IMAGEFOLDER) else label
+    return _DATASET_LABELS.get(key, str(key))
 
 
 def default_tracking_uri(cwd: str | os.PathLike | None = None) -> str:
