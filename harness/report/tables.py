@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 
 from . import protocol
 from .collect import (NA, T_COLUMNS_RE, arch_label, arch_order, is_setting_column,
                       method_order, relevant_methods, setting_label, setting_sort_key)
 from .stats import (CONFIDENCE, MIN_N_BOOT, MIN_N_TEST, N_BOOT, Paired, Stat, fmt_ci, fmt_p,
-                    holm, paired_stats, summary)
+                    holm, paired_stats, paired_stats_many, summary)
 
 __all__ = [
     "Stat", "Paired", "Row", "Block", "stat_of", "fmt_stat", "latex_escape",
@@ -197,6 +198,14 @@ def _per_seed(grp: pd.DataFrame, on: list[str], vcols: list[str]) -> pd.DataFram
     return per.reindex(columns=vcols)
 
 
+def _seed_values(grp: pd.DataFrame, vcols: list[str]) -> tuple[pd.DataFrame, bool]:
+    """The per-seed values of a group (order not kept: for summaries), and whether
+    several runs of one seed were averaged.  One run per seed: the rows as they are."""
+    if grp["seed"].is_unique:
+        return grp.reindex(columns=vcols), False
+    return _per_seed(grp, [], vcols), True
+
+
 def _has_values(runs: pd.DataFrame, col: str) -> bool:
     return col in runs.columns and bool(pd.to_numeric(runs[col], errors="coerce").notna().any())
 
@@ -225,6 +234,7 @@ def _delta_rows(a_runs: pd.DataFrame, arch: str, settings_cols: list[str],
                 if not (pd.isna(a) or pd.isna(b)):
                     pub_delta[disp] = float(a) - float(b)
     rows, notes = [], []
+    pairs: list[tuple[Row, pd.DataFrame, pd.DataFrame]] = []
     for gkey, grp in _groups(nq, settings_cols):
         settings = dict(zip(settings_cols, gkey))
         mine = _per_seed(grp, pair_on, vcols)
@@ -248,16 +258,26 @@ def _delta_rows(a_runs: pd.DataFrame, arch: str, settings_cols: list[str],
                          f"the Δ: NQ {', '.join(lone_nq) or 'none'}; QCFS "
                          f"{', '.join(lone_q) or 'none'}.")
         a, b = mine.loc[common], base_seed.loc[common]
-        cells = {disp: paired_stats(a[col].to_numpy(dtype=float), b[col].to_numpy(dtype=float))
-                 for disp, col in vmap.items()}
-        adj = holm([c.p if c is not None else None for c in cells.values()])
-        cells = {k: (None if c is None else _with(c, p_holm=q))
-                 for (k, c), q in zip(cells.items(), adj)}
         diff = (a - b).rename(columns={col: disp for disp, col in vmap.items()})
         diff.index = [_seed_of(i) for i in diff.index]
         diff.index.name = "seed"
-        rows.append(Row(arch=arch, method=DELTA_LABEL, kind="delta", settings=settings,
-                        cells=cells, published_delta=pub_delta, per_seed=diff))
+        row = Row(arch=arch, method=DELTA_LABEL, kind="delta", settings=settings,
+                  cells={}, published_delta=pub_delta, per_seed=diff)
+        rows.append(row)
+        pairs.append((row, a, b))
+    # the statistics of every cell of the arch's Δ rows in one batch (paired_stats_many)
+    if pairs:
+        xs = [a[col].to_numpy(dtype=float) for _, a, _ in pairs for col in vcols]
+        ys = [b[col].to_numpy(dtype=float) for _, _, b in pairs for col in vcols]
+        width = max(len(v) for v in xs)
+        pad = lambda v: np.concatenate([v, np.full(width - len(v), np.nan)])  # noqa: E731
+        stats_ = paired_stats_many(np.vstack([pad(v) for v in xs]),
+                                   np.vstack([pad(v) for v in ys]))
+        for k, (row, _, _) in enumerate(pairs):
+            cells = dict(zip(vmap, stats_[k * len(vcols):(k + 1) * len(vcols)]))
+            adj = holm([c.p if c is not None else None for c in cells.values()])
+            row.cells = {key: (None if c is None else _with(c, p_holm=q))
+                         for (key, c), q in zip(cells.items(), adj)}
     return rows, notes
 
 
@@ -289,11 +309,11 @@ def build_table1(runs: pd.DataFrame, published: pd.DataFrame | None = None,
             gcols = ["method"] + settings_cols
             measured = []
             for gkey, grp in _groups(a_runs, gcols):
-                per = _per_seed(grp, [], vcols)
+                per, dup_seeds = _seed_values(grp, vcols)
                 cells = {disp: stat_of(per[col]) for disp, col in vmap.items()}
                 row = Row(arch=arch, method=str(gkey[0]), kind="measured",
                           settings=dict(zip(settings_cols, gkey[1:])), cells=cells,
-                          dup_seeds=len(per) < len(grp))
+                          dup_seeds=dup_seeds)
                 if row.dup_seeds:
                     dup.append(f"{arch_label(arch)} {row.method}")
                 measured.append(row)
@@ -650,7 +670,7 @@ def build_table2(runs: pd.DataFrame, published: pd.DataFrame | None = None,
         for arch in sorted(ds_runs["arch"].unique(), key=arch_order):
             a_runs = ds_runs[ds_runs["arch"] == arch]
             for gkey, grp in _groups(a_runs, gcols):
-                per = _per_seed(grp, [], vcols)
+                per, _ = _seed_values(grp, vcols)
                 by_t = {t: stat_of(per[f"T{t}"]) for t in ts}
                 recs.append(_t2_record(arch, gkey[0], dict(zip(settings_cols, gkey[1:])),
                                        stat_of(per["ann"]), by_t, fmt))
