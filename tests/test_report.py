@@ -145,7 +145,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(store, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "toy"
-    rc = main(["--experiment", EXP, "--tracking-uri", store, "--out", str(out)])
+    rc = main(["--experiment", EXP, "--tracking-uri", store, "--out", str(out), "--per-trial"])
     assert rc == 0
     return out
 
@@ -270,6 +270,9 @@ def test_figures_and_index(report):
         assert len(got) == count, (prefix, sorted(got))   # heatmaps: NQ only (QCFS δ ≡ 0)
     pngs = [p for p in report.iterdir() if p.suffix == ".png"]
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    for p in pngs:                                 # every figure also as PDF
+        pdf = p.with_suffix(".pdf")
+        assert pdf.read_bytes()[:5] == b"%PDF-", p.name
     assert "ablation_delta.png" not in names
     index = (report / "index.md").read_text()
     for p in pngs:
@@ -280,6 +283,46 @@ def test_figures_and_index(report):
     assert "2x test CPU" in index and f"`{EXP}`" in index
     assert "Epochs: 3" in index and "TEST set" not in index
     assert "8 finished trial runs" in index
+
+
+def test_default_figures_are_per_group(store, tmp_path):
+    out = tmp_path / "default"
+    assert main(["--experiment", EXP, "--tracking-uri", store, "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir() if p.suffix == ".png")
+    # no per-trial figure without --per-trial: one figure per dataset (or dataset and arch)
+    assert names == ["acc_vs_T_cifar10.png", "delta_heatmaps_cifar10.png", "epoch_time.png",
+                     "residual_overlay_cifar10_resnet20.png",
+                     "residual_overlay_cifar10_vgg16.png", "selection_cifar10.png"]
+    assert all((out / n).with_suffix(".pdf").exists() for n in names)
+    index = (out / "index.md").read_text()
+    assert "`harness report --per-trial`" in index and "curves_" not in index
+    for n in names:
+        assert f"[{n}]({n}) ([PDF]({n[:-4]}.pdf))" in index
+    assert "epoch 1 is left out" in index and "QCFS only measures the residual" in index
+    assert "ANN validation accuracy (`ann/val_acc`) would have selected" in index
+
+
+def test_figure_data_epoch_time_and_selection(stats_store):
+    import importlib
+
+    from harness.report import figures
+
+    collect_mod = importlib.import_module("harness.report.collect")   # not the function
+    uri, _, _ = stats_store
+    col = collect_mod.collect(STATS, uri)
+    et = figures.epoch_time_table(col.runs, col.histories)
+    # epochs 2 and 3 only (epoch 1 is the warm-up): train 9 s, calib 2 s (NQ) / 0 (QCFS)
+    assert set(et["n_epochs"]) == {N_EPOCHS - 1}
+    assert (et["train"] == 9.0).all() and (et["eval"] == 1.0).all()
+    assert set(et.loc[et["method"] == "NQ", "calib"]) == {2.0}
+    assert set(et.loc[et["method"] == "QCFS", "calib"]) == {0.0}
+    sel = figures.selection_table(col.runs, col.histories)
+    # ann/val_acc rises every epoch: the ANN criterion picks the last epoch, as the SNN one
+    assert (sel["epoch_ann"] == N_EPOCHS).all() and (sel["epoch_snn"] == 3).all()
+    # selection on test (this sweep): the per-epoch SNN test accuracy is logged, so the
+    # SNN test accuracy of the ANN-selected epoch is known
+    assert sel["snn_test_at_ann"].notna().all()
+    assert set(sel["sel_key"]) == {"snn/test_acc_T04"}
 
 
 def test_ablation_delta(store, tmp_path):

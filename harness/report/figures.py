@@ -1,7 +1,14 @@
 """Report figures (matplotlib, Agg backend, single-column ~3.4 in wide, 200 dpi).
 
-Every function takes tidy frames / histories, writes one PNG and returns its
-path, or returns None when there is nothing to plot.
+Every function takes tidy frames / histories, writes one PNG and the same figure as
+PDF next to it (for papers), and returns the PNG's path, or returns None when there
+is nothing to plot.
+
+Figures over many runs (:func:`epoch_time`, :func:`selection`, :func:`delta_heatmaps`,
+:func:`residual_overlay`) read the long frame of :class:`collect.Histories` and draw
+one panel per architecture (and method), however many trials there are; the per-trial
+figures (:func:`training_curves`, :func:`delta_heatmap`, :func:`residual_hist`) are
+written only with ``harness report --per-trial``.
 """
 from __future__ import annotations
 
@@ -13,7 +20,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import (FuncFormatter, LogLocator, MaxNLocator,  # noqa: E402
+                               NullLocator)
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -37,8 +45,11 @@ def _color(method: str, i: int = 0) -> str:
 
 
 def _save(fig, path: Path) -> Path:
+    """Write the figure as PNG (``path``) and as PDF (same name, ``.pdf``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    fig.savefig(path.with_suffix(".pdf"), metadata={"Creator": None, "Producer": None,
+                                                    "CreationDate": None})
     plt.close(fig)
     return path
 
@@ -219,10 +230,10 @@ def residual_hist(data: dict, title: str, path: Path, ncols: int = 4) -> Path | 
                 txt.append(f"σ={stds[i]:.2f}")
             ax.text(0.97, 0.95, "\n".join(txt), transform=ax.transAxes, ha="right", va="top")
             ax.set_title(str(layers[i]) if i < len(layers) else f"l{i:02d}", pad=1.5)
-            ax.set_yticks([], minor=True)
-            ax.set_yticks([])
+            ax.yaxis.set_major_locator(LogLocator(numticks=3))
+            ax.yaxis.set_minor_locator(NullLocator())
             ax.tick_params(length=1.5, pad=1)
-        sub = f"{title}: residual / λ (log density; μ, σ absolute)"
+        sub = f"{title}: residual / λ (fraction of values per bin, log; μ, σ absolute)"
         if data.get("tau") is not None:
             sub += f" at T={data['tau']}"
         fig.suptitle(sub, fontsize=6)
@@ -230,58 +241,423 @@ def residual_hist(data: dict, title: str, path: Path, ncols: int = 4) -> Path | 
         return _save(fig, path)
 
 
-# ---------------------------------------------------------------- epoch time
-def epoch_time(runs: pd.DataFrame, histories: dict[str, pd.DataFrame], path: Path) -> Path | None:
-    """Mean time per epoch, per method/arch: training, noise calibration and evaluation.
-
-    From ``time/train_s``, ``time/calib_s`` and ``time/eval_s``; training is
-    ``time/epoch_s`` minus the other two where ``time/train_s`` is not logged.
-    """
-    recs = []
-    for _, r in runs.iterrows():
-        h = histories.get(r["run_id"])
-        if h is None or "time/epoch_s" not in h.columns:
+# ---------------------------------------------------------------- long histories
+def history_long(histories, run_ids, pattern: str) -> pd.DataFrame:
+    """(run_id, key, step, value) rows of the metrics matching ``pattern`` for ``run_ids``
+    from a :class:`collect.Histories` (its long frame) or a dict of per-run frames."""
+    ids = {str(r) for r in run_ids}
+    if hasattr(histories, "select"):
+        df = histories.select(histories.keys_like(pattern))
+        return df[df["run_id"].isin(ids)].reset_index(drop=True)
+    rx = re.compile(pattern)
+    parts = []
+    for rid in ids:
+        h = histories.get(rid) if hasattr(histories, "get") else None
+        if h is None or h.empty:
             continue
+        cols = [c for c in h.columns if rx.match(str(c))]
+        if cols:
+            m = h[cols].reset_index(names="step").melt(id_vars="step", var_name="key")
+            m["run_id"] = rid
+            parts.append(m.dropna(subset=["value"]))
+    if not parts:
+        return pd.DataFrame(columns=["run_id", "key", "step", "value"])
+    return pd.concat(parts, ignore_index=True)[["run_id", "key", "step", "value"]]
 
-        def part(key: str) -> pd.Series:
-            return (h[key] if key in h.columns else pd.Series(0.0, index=h.index)) \
-                .reindex(h.index).fillna(0.0)
 
-        calib, evals = part("time/calib_s"), part("time/eval_s")
-        train = part("time/train_s") if "time/train_s" in h.columns else \
-            h["time/epoch_s"] - calib - evals
-        recs.append({"arch": r["arch"], "method": r["method"], "dataset": r["dataset"],
-                     "train": float(train.mean()), "calib": float(calib.mean()),
-                     "eval": float(evals.mean())})
-    if not recs:
+# ---------------------------------------------------------------- epoch time
+WARMUP_EPOCHS = 1
+CALIB_LABELS = {
+    "NQ": ("calibration, NQ: residual → δ for the next epoch", "tab:red", None),
+    "QCFS": ("calibration, QCFS: residual measured only (no δ)", "lightcoral", "////"),
+    "NQ-fixed": ("calibration, NQ-fixed: none (δ fixed)", "tab:orange", None),
+}
+
+
+def epoch_time_table(runs: pd.DataFrame, histories) -> pd.DataFrame:
+    """Per run: median over the epochs after the warm-up (epoch > 1) of the training,
+    calibration and evaluation time, and the warm-up epoch's total; columns dataset,
+    arch, method, train, calib, eval, first, n_epochs (epochs in the median)."""
+    long = history_long(histories, runs["run_id"], r"^time/(epoch|train|calib|eval)_s$")
+    if long.empty:
+        return pd.DataFrame()
+    wide = long.pivot_table(index=["run_id", "step"], columns="key", values="value",
+                            aggfunc="last")
+    for k in ("time/calib_s", "time/eval_s"):
+        if k not in wide.columns:
+            wide[k] = 0.0
+    wide[["time/calib_s", "time/eval_s"]] = wide[["time/calib_s", "time/eval_s"]].fillna(0.0)
+    if "time/train_s" not in wide.columns:
+        wide["time/train_s"] = np.nan
+    if "time/epoch_s" not in wide.columns:
+        wide["time/epoch_s"] = wide[["time/train_s", "time/calib_s", "time/eval_s"]].sum(axis=1)
+    wide["time/train_s"] = wide["time/train_s"].fillna(
+        wide["time/epoch_s"] - wide["time/calib_s"] - wide["time/eval_s"])
+    steps = wide.index.get_level_values("step")
+    first = wide[steps <= WARMUP_EPOCHS].groupby(level="run_id")["time/epoch_s"].sum()
+    later = wide[steps > WARMUP_EPOCHS]
+    med = later.groupby(level="run_id")[["time/train_s", "time/calib_s", "time/eval_s"]].median()
+    cnt = later.groupby(level="run_id").size()
+    info = runs.set_index(runs["run_id"].astype(str))[["dataset", "arch", "method"]]
+    out = info.join(med, how="inner").join(first.rename("first")).join(cnt.rename("n_epochs"))
+    return out.rename(columns={"time/train_s": "train", "time/calib_s": "calib",
+                               "time/eval_s": "eval"}).reset_index(drop=True)
+
+
+def epoch_time(runs: pd.DataFrame, histories, path: Path) -> Path | None:
+    """Time per epoch after the warm-up, per dataset, architecture and method: the
+    median over epochs 2 … E of each run (epoch 1, which includes compilation and other
+    warm-up, is left out and marked separately), then the median over the runs (seeds
+    and settings) of the bar.  Stacked: training, calibration (what it is for each
+    method: :data:`CALIB_LABELS`) and evaluation."""
+    df = epoch_time_table(runs, histories)
+    if df.empty or df["n_epochs"].fillna(0).max() == 0:
         return None
-    df = pd.DataFrame(recs)
+    df = df[df["n_epochs"] > 0]
     multi_ds = df["dataset"].nunique() > 1
-    agg = df.groupby(["dataset", "arch", "method"], sort=False)[["train", "calib", "eval"]].mean()
+    agg = df.groupby(["dataset", "arch", "method"], sort=False)[
+        ["train", "calib", "eval", "first"]].median()
+    n_runs = df.groupby(["dataset", "arch", "method"], sort=False).size()
     keys = sorted(agg.index, key=lambda k: (k[0], arch_order(k[1]), method_order(k[2])))
     labels = [f"{arch_label(a)}\n{m}" + (f"\n{d}" if multi_ds else "") for d, a, m in keys]
-    parts = [("train", "training", "tab:gray"), ("calib", "noise calibration (δ)", "tab:red"),
-             ("eval", "evaluation", "tab:blue")]
+    ep_lo, ep_hi = WARMUP_EPOCHS + 1, WARMUP_EPOCHS + int(df["n_epochs"].max())
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(WIDTH, 2.3))
+        fig, ax = plt.subplots(figsize=(WIDTH, 2.6))
         x = np.arange(len(keys))
         bottom = np.zeros(len(keys))
-        for key, label, color in parts:
-            vals = np.array([agg.loc[k, key] for k in keys])
-            if key != "train" and not vals.any():
+        train = np.array([agg.loc[k, "train"] for k in keys])
+        ax.bar(x, train, width=0.6, color="tab:gray", label="training")
+        bottom += train
+        calib = np.array([agg.loc[k, "calib"] for k in keys])
+        for method, (label, color, hatch) in CALIB_LABELS.items():
+            sel = np.array([k[2] == method for k in keys])
+            if not sel.any() or not (calib[sel] > 0).any():
                 continue
-            ax.bar(x, vals, width=0.6, bottom=bottom, color=color, label=label)
-            bottom += vals
-        for xi, tot in zip(x, bottom):
-            ax.text(xi, tot, f"{tot:.1f}", ha="center", va="bottom", fontsize=5)
+            ax.bar(x[sel], calib[sel], width=0.6, bottom=bottom[sel], color=color,
+                   hatch=hatch, edgecolor="white" if hatch else None, linewidth=0, label=label)
+        other = np.array([k[2] not in CALIB_LABELS for k in keys])
+        if other.any() and (calib[other] > 0).any():
+            ax.bar(x[other], calib[other], width=0.6, bottom=bottom[other], color="tab:purple",
+                   label="calibration (other methods)")
+        bottom += calib
+        evals = np.array([agg.loc[k, "eval"] for k in keys])
+        if (evals > 0).any():
+            ax.bar(x, evals, width=0.6, bottom=bottom, color="tab:blue", label="evaluation")
+        bottom += evals
+        for xi, tot, k in zip(x, bottom, keys):
+            ax.text(xi, tot, f"{tot:.2f}", ha="center", va="bottom", fontsize=5)
+        first = np.array([agg.loc[k, "first"] for k in keys], dtype=float)
+        top = max(bottom.max(), 1e-9) * 1.18
+        for xi, f in zip(x, first):
+            if np.isfinite(f):
+                ax.annotate(f"epoch 1: {f:.1f} s", (xi, top * 0.97), ha="center", va="top",
+                            fontsize=4.5, color="0.35")
         ax.set_xticks(x)
-        ax.set_xticklabels(labels, fontsize=5)
+        ax.set_xticklabels([f"{lab}\n(n={int(n_runs.loc[k])})" for lab, k in zip(labels, keys)],
+                           fontsize=5)
         ax.set_ylabel("time per epoch (s)")
-        ax.set_ylim(0, (bottom.max() * 1.12) or 1)
-        ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, frameon=False,
-                  borderaxespad=0.2)
+        ax.set_ylim(0, top)
+        ax.set_title(f"Median of epochs {ep_lo}–{ep_hi} per run, median over the runs; "
+                     f"epoch 1 (warm-up, incl. compilation) excluded", fontsize=5.5)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28 - 0.06 * multi_ds), ncol=2,
+                  frameon=False, fontsize=5)
         ax.grid(axis="x", visible=False)
         fig.tight_layout()
+        return _save(fig, path)
+
+
+# ---------------------------------------------------------------- selection (Fig. 5)
+def _sel_metric(keys, select_T: str | None, select_on: str | None) -> str | None:
+    found = [(m.group(1), int(m.group(2)), k) for k in keys
+             if (m := _SNN_EPOCH_RE.match(str(k)))]
+    if not found:
+        return None
+    try:
+        want_T = int(float(select_T)) if select_T not in (None, NA) else None
+    except ValueError:
+        want_T = None
+    want_split = select_on if select_on in ("val", "test") else None
+    return min(found, key=lambda f: (f[0] != want_split, f[1] != want_T, f[1]))[2]
+
+
+def selection_table(runs: pd.DataFrame, histories) -> pd.DataFrame:
+    """Per run: the epoch each criterion selects and what is known of the selected
+    model.  ``epoch_snn``: the harness's selection (``final/best_epoch``: best SNN
+    accuracy on the selection split at ``select_T``); ``epoch_ann``: the best ANN
+    validation accuracy (``ann/val_acc``; first of ties); ``snn_test``: the final SNN
+    test accuracy at ``select_T`` of the selected model; ``snn_test_at_ann``: the SNN
+    test accuracy at ``select_T`` of the ANN-selected epoch where it is known (per-epoch
+    SNN test accuracy logged, i.e. selection on test; or the same epoch as the SNN
+    criterion), else NaN."""
+    long = history_long(histories, runs["run_id"], r"^(ann/val_acc|snn/(val|test)_acc_T\d+)$")
+    recs = []
+    by_run = dict(tuple(long.groupby("run_id", sort=False))) if not long.empty else {}
+    for r in runs.itertuples(index=False):
+        h = by_run.get(str(r.run_id))
+        rec = {"run_id": r.run_id, "dataset": r.dataset, "arch": r.arch, "method": r.method,
+               "epoch_snn": r.best_epoch, "epoch_ann": np.nan, "snn_test": np.nan,
+               "snn_test_at_ann": np.nan, "sel_key": None}
+        try:
+            t = int(float(r.select_T))
+            rec["snn_test"] = getattr(r, f"T{t}", np.nan) if f"T{t}" in runs.columns else np.nan
+        except (TypeError, ValueError):
+            t = None
+        if h is not None:
+            ann = h[h["key"] == "ann/val_acc"].sort_values("step")
+            if not ann.empty:
+                rec["epoch_ann"] = float(ann["step"].iloc[int(np.argmax(ann["value"].to_numpy()))])
+            sel = _sel_metric(h["key"].unique(), r.select_T, r.select_on)
+            rec["sel_key"] = sel
+            test_key = f"snn/test_acc_T{t:02d}" if t is not None else None
+            if test_key is not None and np.isfinite(rec["epoch_ann"]):
+                at = h[(h["key"] == test_key) & (h["step"] == rec["epoch_ann"])]
+                if not at.empty:
+                    rec["snn_test_at_ann"] = float(at["value"].iloc[-1])
+        if np.isnan(rec["snn_test_at_ann"]) and rec["epoch_ann"] == rec["epoch_snn"]:
+            rec["snn_test_at_ann"] = rec["snn_test"]
+        recs.append(rec)
+    return pd.DataFrame(recs)
+
+
+def _pooled_note(runs: pd.DataFrame) -> str:
+    vary = [s for s in varying_settings(runs)]
+    if not vary:
+        return ""
+    parts = []
+    for s in vary:
+        vals = sorted({v for v in runs[s] if v != NA}, key=setting_sort_key)
+        if len(vals) > 1:
+            parts.append(f"{setting_label(s)}={'/'.join(vals[:4])}{'…' if len(vals) > 4 else ''}")
+    return ("; pooled over " + ", ".join(parts)) if parts else ""
+
+
+def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path | None:
+    """Fig. 5 (SNN-based checkpoint selection), one panel per architecture and method.
+
+    Lines: the mean over the panel's runs, per epoch, of the ANN test accuracy
+    (``ann/test_acc``) and of the per-epoch SNN accuracy the harness selects on
+    (``snn/<split>_acc_T<select_T>``).  Markers under the curves: the epoch each run's
+    SNN criterion selected (``final/best_epoch``, ▲) and the epoch the best ANN
+    validation accuracy would select (▼).  Text: the final SNN test accuracy at
+    ``select_T`` of the SNN-selected models (mean ± std over runs), and for the
+    ANN-selected epochs how often they coincide and, where known (selection on test,
+    or the same epoch), the SNN test accuracy they give."""
+    if runs.empty:
+        return None
+    table = selection_table(runs, histories)
+    long = history_long(histories, runs["run_id"], r"^(ann/test_acc|snn/(val|test)_acc_T\d+)$")
+    if long.empty:
+        return None
+    panels = sorted(runs.groupby(["arch", "method"], sort=False).groups,
+                    key=lambda k: (arch_order(k[0]), method_order(k[1])))
+    ncols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    with plt.rc_context({**STYLE, "font.size": 5.5, "axes.titlesize": 5.5,
+                         "legend.fontsize": 5, "xtick.labelsize": 5, "ytick.labelsize": 5}):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, 1.95 * nrows + 0.45),
+                                 squeeze=False)
+        handles = {}
+        for ax, (arch, method) in zip(axes.flat, panels):
+            sub = runs[(runs["arch"] == arch) & (runs["method"] == method)]
+            ids = set(sub["run_id"].astype(str))
+            lp = long[long["run_id"].isin(ids)]
+            tp = table[table["run_id"].isin(ids)]
+            sel_keys = tp["sel_key"].dropna()
+            sel_key = sel_keys.mode().iloc[0] if not sel_keys.empty else None
+            ann = lp[lp["key"] == "ann/test_acc"].groupby("step")["value"].mean()
+            h = ax.plot(ann.index, ann.values, color="tab:gray", marker="o", markersize=1.5,
+                        label="ANN test acc. (mean over runs)")
+            handles.setdefault("ann", h[0])
+            y_min = ann.min() if not ann.empty else np.nan
+            if sel_key is not None:
+                m = _SNN_EPOCH_RE.match(sel_key)
+                snn = lp[lp["key"] == sel_key].groupby("step")["value"].mean()
+                split = "TEST" if m.group(1) == "test" else "val"
+                h = ax.plot(snn.index, snn.values, color="tab:red", marker="s", markersize=1.5,
+                            label=f"SNN {split} acc. at T={int(m.group(2))}, the selection "
+                                  "metric (mean)")
+                handles.setdefault("snn", h[0])
+                y_min = np.nanmin([y_min, snn.min()]) if not snn.empty else y_min
+            lo, hi = ax.get_ylim()
+            rug = lo - 0.02 * (hi - lo)
+            rng = np.random.default_rng(0)
+            jit = lambda n: rng.uniform(-0.15, 0.15, n)  # noqa: E731
+            es, ea = tp["epoch_snn"].dropna().to_numpy(), tp["epoch_ann"].dropna().to_numpy()
+            h1 = ax.scatter(es + jit(len(es)), np.full(len(es), rug), marker="^", s=6,
+                            color="tab:red", alpha=0.6, linewidths=0,
+                            label="epoch selected by SNN val. acc. (per run)")
+            h2 = ax.scatter(ea + jit(len(ea)), np.full(len(ea), rug - 0.05 * (hi - lo)),
+                            marker="v", s=6, color="tab:gray", alpha=0.6, linewidths=0,
+                            label="epoch best ANN val. acc. would select (per run)")
+            handles.setdefault("es", h1)
+            handles.setdefault("ea", h2)
+            ax.set_ylim(rug - 0.1 * (hi - lo), hi)
+            st = tp["snn_test"].dropna()
+            same = int((tp["epoch_ann"] == tp["epoch_snn"]).sum())
+            known = tp["snn_test_at_ann"].dropna()
+            stats_line = (f"SNN-selected: SNN test {st.mean():.1f}"
+                          + (f" ± {st.std():.1f}" if len(st) > 1 else "")
+                          + f"\nANN-selected: same epoch in {same}/{len(tp)}")
+            if len(known) > same:
+                stats_line += f"; SNN test {known.mean():.1f} (n={len(known)})"
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(f"{arch_label(arch)}, {method} ({len(sub)} runs"
+                         f"{_pooled_note(sub)})\n{stats_line}", fontsize=4.5)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("accuracy (%)")
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        fig.tight_layout(rect=(0, 0.09 + 0.02 * (nrows == 1), 1, 1))
+        fig.legend(list(handles.values()), [h.get_label() for h in handles.values()],
+                   loc="lower center", ncol=2, frameon=False, fontsize=4.5)
+        return _save(fig, path)
+
+
+# ---------------------------------------------------------------- δ per group
+def delta_heatmaps(runs: pd.DataFrame, histories, path: Path) -> Path | None:
+    """δ_trained (``delta/lNN_<layer>``) over epochs, mean over the NQ runs of each
+    architecture (seeds and settings pooled): one heatmap per architecture; None when
+    δ does not change."""
+    nq = runs[runs["method"] == "NQ"]
+    if nq.empty:
+        return None
+    long = history_long(histories, nq["run_id"], r"^delta/l\d+_.+$")
+    if long.empty:
+        return None
+    long = long.merge(nq[["run_id", "arch"]].astype({"run_id": str}), on="run_id")
+    archs = sorted(long["arch"].unique(), key=arch_order)
+    mats = []
+    for arch in archs:
+        m = long[long["arch"] == arch].pivot_table(index="key", columns="step", values="value",
+                                                   aggfunc="mean")
+        order = sorted(m.index, key=lambda k: int(_DELTA_RE.match(k).group(1)))
+        m = m.loc[order]
+        vals = m.to_numpy(dtype=float)
+        finite = vals[np.isfinite(vals)]
+        if finite.size and not np.allclose(finite, finite[0]):
+            mats.append((arch, m, nq[nq["arch"] == arch]))
+    if not mats:
+        return None
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        heights = [max(1.2, 0.5 + 0.07 * len(m)) for _, m, _ in mats]
+        fig, axes = plt.subplots(len(mats), 1, figsize=(WIDTH, sum(heights) + 0.3),
+                                 squeeze=False, gridspec_kw={"height_ratios": heights})
+        for ax, (arch, m, sub) in zip(axes[:, 0], mats):
+            epochs = list(m.columns)
+            im = ax.imshow(m.to_numpy(dtype=float), aspect="auto", origin="lower",
+                           cmap="viridis", interpolation="nearest",
+                           extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, len(m) - 0.5))
+            names = [_DELTA_RE.match(k).group(2) for k in m.index]
+            step = max(1, len(names) // 12)
+            ax.set_yticks(range(0, len(names), step))
+            ax.set_yticklabels(names[::step], fontsize=4)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("layer")
+            ax.set_title(f"{arch_label(arch)}: δ_trained, mean over {len(sub)} NQ runs"
+                         f"{_pooled_note(sub)}", fontsize=5.5)
+            cb = fig.colorbar(im, ax=ax, pad=0.02)
+            cb.set_label("δ (noise std)", fontsize=5)
+            cb.ax.tick_params(labelsize=5)
+        axes[-1, 0].set_xlabel("epoch")
+        fig.tight_layout()
+        return _save(fig, path)
+
+
+# ---------------------------------------------------------------- residual overlay (Fig. 2)
+OVERLAY_METHODS = ("QCFS", "NQ")
+MAX_LAYERS = 8
+
+
+def pooled_residual_hist(datas: list[dict], residual: str | None = None
+                         ) -> tuple[np.ndarray, list[str], np.ndarray, int] | None:
+    """Sum of the per-layer residual histograms of several runs (same bins and layers):
+    (edges, layers, counts [layers x bins], runs used); ``residual`` picks the residual
+    kind from ``counts_by_residual`` (default: each run's own)."""
+    edges = layers = total = None
+    used = 0
+    for d in datas:
+        if not d or not d.get("edges"):
+            continue
+        counts = (d.get("counts_by_residual") or {}).get(residual) if residual else None
+        if counts is None:
+            if residual and d.get("residual") not in (None, residual):
+                continue
+            counts = d.get("counts")
+        if not counts:
+            continue
+        e = np.asarray(d["edges"], dtype=float)
+        c = np.asarray(counts, dtype=float)
+        if edges is None:
+            edges, layers, total = e, list(d.get("layers") or range(len(c))), np.zeros_like(c)
+        if e.shape != edges.shape or not np.allclose(e, edges) or c.shape != total.shape:
+            continue
+        total += c
+        used += 1
+    return None if edges is None or used == 0 else (edges, [str(x) for x in layers], total, used)
+
+
+def residual_overlay(datas: dict[str, list[dict]], title: str, path: Path,
+                     residual: str | None = None, ncols: int = 4) -> Path | None:
+    """Fig. 2: per-layer histograms of the residual (units of λ) of each method,
+    overlaid, each pooled over the method's runs (counts summed), as a density per unit
+    of residual/λ on a log scale.  At most :data:`MAX_LAYERS` layers, evenly spaced."""
+    pooled = {m: pooled_residual_hist(datas.get(m, []), residual) for m in OVERLAY_METHODS}
+    pooled = {m: v for m, v in pooled.items() if v is not None}
+    if not pooled:
+        return None
+    edges, layers, _, _ = next(iter(pooled.values()))
+    pooled = {m: v for m, v in pooled.items()
+              if v[0].shape == edges.shape and np.allclose(v[0], edges)
+              and v[2].shape[0] == len(layers)}
+    n = len(layers)
+    shown = sorted(set(np.linspace(0, n - 1, min(n, MAX_LAYERS)).round().astype(int)))
+    widths = np.diff(edges)
+    centers = (edges[:-1] + edges[1:]) / 2
+    ncols = min(ncols, len(shown))
+    nrows = math.ceil(len(shown) / ncols)
+    with plt.rc_context({**STYLE, "font.size": 5, "axes.titlesize": 5, "xtick.labelsize": 4.5,
+                         "ytick.labelsize": 4.5, "legend.fontsize": 5}):
+        height = 0.95 * nrows + 0.7
+        fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, height),
+                                 squeeze=False, sharex=True, sharey=True)
+        for ax, li in zip(axes.flat, shown):
+            for m, (e, _, counts, used) in pooled.items():
+                c = counts[li]
+                tot = c.sum()
+                if not tot:
+                    continue
+                dens = c / (tot * widths)
+                ax.stairs(np.where(dens > 0, dens, np.nan), e, color=_color(m), linewidth=0.7,
+                          label=f"{m} ({used} runs)")
+                sd = math.sqrt(max(0.0, float((c * centers ** 2).sum() / tot
+                                              - ((c * centers).sum() / tot) ** 2)))
+                ax.text(0.97, 0.95 - 0.13 * OVERLAY_METHODS.index(m)
+                        if m in OVERLAY_METHODS else 0.5, f"σ={sd:.2f}",
+                        transform=ax.transAxes, ha="right", va="top", color=_color(m),
+                        fontsize=4.5)
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=5))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_locator(NullLocator())
+            ax.set_xticks([-1, 0, 1] if edges[0] <= -1 and edges[-1] >= 1 else
+                          [edges[0], 0, edges[-1]])
+            ax.axvline(0, color="k", linewidth=0.3)
+            ax.set_title(layers[li], pad=1.5)
+            ax.tick_params(length=1.5, pad=1)
+        for ax in list(axes.flat)[len(shown):]:
+            ax.axis("off")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("density (per unit)", fontsize=4.5)
+        for ax in axes[-1, :]:
+            ax.set_xlabel("residual / λ", fontsize=4.5)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        sub = (f"{title}: residual / λ per layer"
+               + (f" ({len(shown)} of {n} layers)" if len(shown) < n else "")
+               + "; runs pooled (counts summed); σ of the pooled histogram")
+        fig.suptitle(sub, fontsize=5.5)
+        fig.tight_layout(pad=0.3, h_pad=0.4, w_pad=0.3,
+                         rect=(0, 0.2 / height, 1, 1 - 0.22 / height))
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
         return _save(fig, path)
 
 
