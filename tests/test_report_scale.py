@@ -76,3 +76,17 @@ def test_bulk_sql_reading_equals_client_api(small_store):
     rid = bulk.runs["run_id"].iloc[0]
     assert bulk.residual_hist(rid) == collect_mod._download_json(uri, rid,
                                                                  "residual_hist.json")
+
+
+def test_markdown_tables_as_tabulate_writes_them():
+    from harness.report import tables
+
+    frames = [pd.DataFrame({"Arch": ["ResNet-20", "", "VGG-16"], "Method": ["Δ NQ − QCFS",
+                                                                          "↳ p (paired t)",
+                                                                          "  **QCFS** "],
+                            "δ": ["0.1", "—", "τ=4"], "T=1": ["-1.25 ± 0.35 (n=2)", "", "†"]}),
+              pd.DataFrame({"A": ["x"], "Long header here": ["1"]})]
+    for df in frames:
+        assert tables._md(df) == df.to_markdown(index=False, disable_numparse=True)
+    empty = pd.DataFrame({"A": [], "B": []})
+    assert tables._md(empty) == empty.to_markdown(index=False, disable_numparse=True)

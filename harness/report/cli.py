@@ -133,10 +133,13 @@ def not_finished_lines(col: Collected) -> list[str]:
         return []
     bad = trials[trials["status"] != "FINISHED"]
     lines = []
+    varying: dict[str, list[str]] = {}
     for _, t in bad.iterrows():
         ds_runs = col.runs[col.runs["dataset"] == t["dataset"]]
+        if t["dataset"] not in varying:
+            varying[t["dataset"]] = tables.varying_settings(ds_runs)
         keys = ["dataset", "arch", "method"] + [
-            s for s in tables.varying_settings(ds_runs) if s in trials.columns]
+            s for s in varying[t["dataset"]] if s in trials.columns]
         same = lambda f: (f[keys] == t[keys]).all(axis=1)  # noqa: E731
         n_done = int(same(col.runs[keys]).sum()) if not col.runs.empty else 0
         n_all = int(same(trials[keys]).sum())
@@ -202,14 +205,14 @@ def _write_figures(col: Collected, out: Path, per_trial: bool = False) -> list[P
         nq_res = [v for v in ds_runs.loc[ds_runs["method"] == "NQ", "residual"]
                   if v != NA] if "residual" in ds_runs.columns else []
         residual = max(set(nq_res), key=nq_res.count) if nq_res else None
+        datas = {}
         for arch in sorted(ds_runs["arch"].unique(), key=arch_order):
             sub = ds_runs[ds_runs["arch"] == arch]
-            datas = {m: [d for rid in sub.loc[sub["method"] == m, "run_id"]
-                         if (d := col.residual_hist(rid))]
-                     for m in figures.OVERLAY_METHODS}
-            paths.append(figures.residual_overlay(
-                datas, f"{arch_label(arch)}, {ds}",
-                out / f"residual_overlay_{stem}_{sanitize(arch)}.png", residual=residual))
+            datas[arch] = {m: [d for rid in sub.loc[sub["method"] == m, "run_id"]
+                               if (d := col.residual_hist(rid))]
+                           for m in figures.OVERLAY_METHODS}
+        paths.append(figures.residual_overlay(datas, ds, out / f"residual_overlay_{stem}.png",
+                                              residual=residual))
     paths.append(figures.epoch_time(runs, col.histories, out / "epoch_time.png"))
     paths.append(figures.ablation(runs[runs["method"] == "NQ-fixed"], "delta",
                                   out / "ablation_delta.png", "fixed noise δ (all layers)"))
@@ -236,8 +239,8 @@ def _write_figures(col: Collected, out: Path, per_trial: bool = False) -> list[P
 _FIG_SECTIONS = [
     ("acc_vs_T_", "Accuracy vs. time steps", True, ""),
     ("selection_", "Checkpoint selection (Fig. 5)", True,
-     "One panel per architecture and method (the runs' seeds and any varying settings "
-     "pooled, as the panel title says). Lines: mean over the runs, per epoch, of the ANN "
+     "One panel per architecture and method, QCFS and NQ (the runs' seeds and any "
+     "varying settings pooled, as the panel title says). Lines: mean over the runs, per epoch, of the ANN "
      "test accuracy and of the per-epoch SNN accuracy the harness selects on "
      "(`snn/<split>_acc_T<select_T>`). Markers under the curves: per run, the epoch the "
      "SNN criterion selected (`final/best_epoch`, ▲) and the epoch the best ANN "
@@ -256,9 +259,11 @@ _FIG_SECTIONS = [
      "NQ-fixed does none."),
     ("ablation_", "Ablations (Fig. 4 / Fig. 7)", True, ""),
     ("residual_overlay_", "Residual-error histograms, QCFS and NQ overlaid (Fig. 2)", True,
-     "Per layer (at most 8, evenly spaced), the histogram of the residual in units of λ "
-     "of every QCFS and every NQ run of the architecture, counts summed over the runs, "
-     "as a density per unit of residual/λ (log scale)."),
+     "One row per architecture; per layer (at most 5 per row, evenly spaced from the "
+     "first to the last), the histogram of the residual in units of λ of all QCFS runs "
+     "and of all NQ runs of the architecture, counts summed over the runs (seeds and "
+     "settings), as a density per unit of residual/λ (log scale); σ: standard deviation "
+     "of the pooled histogram."),
     ("delta_heatmaps_", "Layer-wise noise δ over epochs (mean over the NQ runs)", True, ""),
     ("curves_", "Per trial: training curves", False, ""),
     ("delta_heatmap_", "Per trial: layer-wise noise δ_trained over epochs", False, ""),

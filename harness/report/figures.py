@@ -45,13 +45,34 @@ def _color(method: str, i: int = 0) -> str:
 
 
 def _save(fig, path: Path) -> Path:
-    """Write the figure as PNG (``path``) and as PDF (same name, ``.pdf``)."""
+    """Write the figure as PNG (``path``) and as PDF (same name, ``.pdf``), both cut to
+    the tight bounding box, which is computed once for the two."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, metadata={"Software": None})
-    fig.savefig(path.with_suffix(".pdf"), metadata={"Creator": None, "Producer": None,
-                                                    "CreationDate": None})
+    # the layout is done: no layout engine (tight_layout leaves one), so that savefig
+    # draws the figure once
+    fig.set_layout_engine(None)
+    bbox = fig.get_tightbbox(fig.canvas.get_renderer()).padded(STYLE["savefig.pad_inches"])
+    fig.savefig(path, dpi=DPI, bbox_inches=bbox, metadata={"Software": None})
+    fig.savefig(path.with_suffix(".pdf"), bbox_inches=bbox,
+                metadata={"Creator": None, "Producer": None, "CreationDate": None})
     plt.close(fig)
     return path
+
+
+MANY_LINES = 8   # more variants than this in one panel: thin lines coloured by method
+
+
+def _fixed_layout(fig, nrows: int, ncols: int, *, left: float = 0.45, right: float = 0.08,
+                  top: float = 0.25, bottom: float = 0.4, wspace: float = 0.45,
+                  hspace: float = 0.5) -> None:
+    """Margins and gaps in inches, for multi-panel figures: tight_layout would cost one
+    more render of the figure, and the saved files are cropped to the tight bounding
+    box anyway (so generous outer margins cost nothing)."""
+    w, h = fig.get_size_inches()
+    axw = max(0.1, (w - left - right - wspace * (ncols - 1)) / ncols)
+    axh = max(0.1, (h - top - bottom - hspace * (nrows - 1)) / nrows)
+    fig.subplots_adjust(left=left / w, right=1 - right / w, top=1 - top / h,
+                        bottom=bottom / h, wspace=wspace / axw, hspace=hspace / axh)
 
 
 def _variant_label(method: str, settings: dict[str, str]) -> str:
@@ -68,7 +89,7 @@ def acc_vs_T(runs: pd.DataFrame, path: Path) -> Path | None:
     settings_cols = varying_settings(runs)
     archs = sorted(runs["arch"].unique(), key=arch_order)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(len(archs), 1, figsize=(WIDTH, 2.1 * len(archs)),
+        fig, axes = plt.subplots(len(archs), 1, figsize=(WIDTH, 2.1 * len(archs) + 0.2),
                                  squeeze=False)
         for ax, arch in zip(axes[:, 0], archs):
             a_runs = runs[runs["arch"] == arch]
@@ -76,11 +97,20 @@ def acc_vs_T(runs: pd.DataFrame, path: Path) -> Path | None:
             groups = sorted(a_runs.groupby(gcols, dropna=False, sort=False),
                             key=lambda kv: (method_order(kv[0][0]),
                                             tuple(setting_sort_key(v) for v in kv[0][1:])))
+            many = len(groups) > MANY_LINES
+            seen: set[str] = set()
             for i, (gkey, grp) in enumerate(groups):
-                color = _color(gkey[0], i) if len(groups) <= 3 else f"C{i % 10}"
                 stats = [stat_of(grp[f"T{t}"]) for t in ts]
                 xs = [t for t, s in zip(ts, stats) if s is not None]
                 ms = [s.mean for s in stats if s is not None]
+                if many:   # one thin line per variant, coloured by method; no error bars
+                    m = str(gkey[0])
+                    ax.plot(xs, ms, color=_color(m), linewidth=0.5, alpha=0.6,
+                            label=None if m in seen else f"{m} (one line per setting "
+                                                         "combination; values in Table 1)")
+                    seen.add(m)
+                    continue
+                color = _color(gkey[0], i) if len(groups) <= 3 else f"C{i % 10}"
                 es = [0.0 if pd.isna(s.std) else s.std for s in stats if s is not None]
                 label = _variant_label(gkey[0], dict(zip(settings_cols, gkey[1:])))
                 ax.errorbar(xs, ms, yerr=es, marker="o", color=color, capsize=2, label=label)
@@ -91,11 +121,12 @@ def acc_vs_T(runs: pd.DataFrame, path: Path) -> Path | None:
             ax.set_xscale("log", base=2)
             ax.set_xticks(ts)
             ax.set_xticklabels([str(t) for t in ts])
-            ax.set_title(arch_label(arch))
+            ax.set_title(arch_label(arch) + (f" ({len(groups)} variants, mean over seeds)"
+                                             if many else ""))
             ax.set_ylabel("test accuracy (%)")
-            ax.legend(loc="lower right", frameon=False)
+            ax.legend(loc="lower right", frameon=False, fontsize=5 if many else None)
         axes[-1, 0].set_xlabel("time steps T")
-        fig.tight_layout()
+        _fixed_layout(fig, len(archs), 1, hspace=0.45)
         return _save(fig, path)
 
 
@@ -388,51 +419,54 @@ def selection_table(runs: pd.DataFrame, histories) -> pd.DataFrame:
     test accuracy at ``select_T`` of the selected model; ``snn_test_at_ann``: the SNN
     test accuracy at ``select_T`` of the ANN-selected epoch where it is known (per-epoch
     SNN test accuracy logged, i.e. selection on test; or the same epoch as the SNN
-    criterion), else NaN."""
+    criterion), else NaN; ``sel_key``: the per-epoch metric selected on."""
     long = history_long(histories, runs["run_id"], r"^(ann/val_acc|snn/(val|test)_acc_T\d+)$")
-    recs = []
-    by_run = dict(tuple(long.groupby("run_id", sort=False))) if not long.empty else {}
-    for r in runs.itertuples(index=False):
-        h = by_run.get(str(r.run_id))
-        rec = {"run_id": r.run_id, "dataset": r.dataset, "arch": r.arch, "method": r.method,
-               "epoch_snn": r.best_epoch, "epoch_ann": np.nan, "snn_test": np.nan,
-               "snn_test_at_ann": np.nan, "sel_key": None}
-        try:
-            t = int(float(r.select_T))
-            rec["snn_test"] = getattr(r, f"T{t}", np.nan) if f"T{t}" in runs.columns else np.nan
-        except (TypeError, ValueError):
-            t = None
-        if h is not None:
-            ann = h[h["key"] == "ann/val_acc"].sort_values("step")
-            if not ann.empty:
-                rec["epoch_ann"] = float(ann["step"].iloc[int(np.argmax(ann["value"].to_numpy()))])
-            sel = _sel_metric(h["key"].unique(), r.select_T, r.select_on)
-            rec["sel_key"] = sel
-            test_key = f"snn/test_acc_T{t:02d}" if t is not None else None
-            if test_key is not None and np.isfinite(rec["epoch_ann"]):
-                at = h[(h["key"] == test_key) & (h["step"] == rec["epoch_ann"])]
-                if not at.empty:
-                    rec["snn_test_at_ann"] = float(at["value"].iloc[-1])
-        if np.isnan(rec["snn_test_at_ann"]) and rec["epoch_ann"] == rec["epoch_snn"]:
-            rec["snn_test_at_ann"] = rec["snn_test"]
-        recs.append(rec)
-    return pd.DataFrame(recs)
+    out = pd.DataFrame({"run_id": runs["run_id"].astype(str).to_numpy(),
+                        "dataset": runs["dataset"].to_numpy(), "arch": runs["arch"].to_numpy(),
+                        "method": runs["method"].to_numpy(),
+                        "epoch_snn": pd.to_numeric(runs["best_epoch"], errors="coerce").to_numpy()})
+    sel_t = pd.to_numeric(runs["select_T"], errors="coerce").to_numpy()
+    out["snn_test"] = [runs[f"T{int(t)}"].iat[i] if np.isfinite(t) and f"T{int(t)}" in runs
+                       else np.nan for i, t in enumerate(sel_t)]
+    out["epoch_ann"] = np.nan
+    out["snn_test_at_ann"] = np.nan
+    out["sel_key"] = None
+    if not long.empty:
+        ann = long[long["key"] == "ann/val_acc"].sort_values(["run_id", "step"], kind="stable")
+        if not ann.empty:
+            best = ann.loc[ann.groupby("run_id", sort=False)["value"].idxmax(), ["run_id", "step"]]
+            out["epoch_ann"] = out["run_id"].map(best.set_index("run_id")["step"]).astype(float)
+        keys_by_run = long[long["key"] != "ann/val_acc"].groupby("run_id", sort=False)["key"] \
+            .unique()
+        out["sel_key"] = [_sel_metric(keys_by_run.get(rid, []), st, so) for rid, st, so in
+                          zip(out["run_id"], runs["select_T"], runs["select_on"])]
+        test_key = pd.Series([f"snn/test_acc_T{int(t):02d}" if np.isfinite(t) else ""
+                              for t in sel_t], index=out.index)
+        snn_test = long[long["key"].str.startswith("snn/test_acc_T")]
+        if not snn_test.empty:
+            look = snn_test.drop_duplicates(["run_id", "key", "step"], keep="last") \
+                .set_index(["run_id", "key", "step"])["value"]
+            ep = out["epoch_ann"].fillna(-1).astype("int64")
+            idx = pd.MultiIndex.from_arrays([out["run_id"], test_key, ep])
+            out["snn_test_at_ann"] = look.reindex(idx).to_numpy()
+    same = out["epoch_ann"] == out["epoch_snn"]
+    out.loc[same & out["snn_test_at_ann"].isna(), "snn_test_at_ann"] = out["snn_test"]
+    return out
 
 
 def _pooled_note(runs: pd.DataFrame) -> str:
-    vary = [s for s in varying_settings(runs)]
-    if not vary:
-        return ""
-    parts = []
-    for s in vary:
-        vals = sorted({v for v in runs[s] if v != NA}, key=setting_sort_key)
-        if len(vals) > 1:
-            parts.append(f"{setting_label(s)}={'/'.join(vals[:4])}{'…' if len(vals) > 4 else ''}")
+    """ "; pooled over L, τ": the settings that vary among the runs of a panel."""
+    parts = [setting_label(s) for s in varying_settings(runs)
+             if len({v for v in runs[s] if v != NA}) > 1]
     return ("; pooled over " + ", ".join(parts)) if parts else ""
 
 
+SELECTION_METHODS = ("QCFS", "NQ")
+
+
 def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path | None:
-    """Fig. 5 (SNN-based checkpoint selection), one panel per architecture and method.
+    """Fig. 5 (SNN-based checkpoint selection), one panel per architecture and method
+    (QCFS and NQ).
 
     Lines: the mean over the panel's runs, per epoch, of the ANN test accuracy
     (``ann/test_acc``) and of the per-epoch SNN accuracy the harness selects on
@@ -442,6 +476,7 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
     ``select_T`` of the SNN-selected models (mean ± std over runs), and for the
     ANN-selected epochs how often they coincide and, where known (selection on test,
     or the same epoch), the SNN test accuracy they give."""
+    runs = runs[runs["method"].isin(SELECTION_METHODS)]
     if runs.empty:
         return None
     table = selection_table(runs, histories)
@@ -454,7 +489,7 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
     nrows = math.ceil(len(panels) / ncols)
     with plt.rc_context({**STYLE, "font.size": 5.5, "axes.titlesize": 5.5,
                          "legend.fontsize": 5, "xtick.labelsize": 5, "ytick.labelsize": 5}):
-        fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, 1.95 * nrows + 0.45),
+        fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, 2.0 * nrows + 0.6),
                                  squeeze=False)
         handles = {}
         for ax, (arch, method) in zip(axes.flat, panels):
@@ -507,7 +542,7 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
             ax.set_ylabel("accuracy (%)")
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        fig.tight_layout(rect=(0, 0.09 + 0.02 * (nrows == 1), 1, 1))
+        _fixed_layout(fig, nrows, ncols, top=0.4, bottom=0.55, hspace=0.7, wspace=0.4)
         fig.legend(list(handles.values()), [h.get_label() for h in handles.values()],
                    loc="lower center", ncol=2, frameon=False, fontsize=4.5)
         return _save(fig, path)
@@ -540,7 +575,8 @@ def delta_heatmaps(runs: pd.DataFrame, histories, path: Path) -> Path | None:
         return None
     with plt.rc_context({**STYLE, "axes.grid": False}):
         heights = [max(1.2, 0.5 + 0.07 * len(m)) for _, m, _ in mats]
-        fig, axes = plt.subplots(len(mats), 1, figsize=(WIDTH, sum(heights) + 0.3),
+        fig, axes = plt.subplots(len(mats), 1,
+                                 figsize=(WIDTH, sum(heights) + 0.6 + 0.4 * (len(mats) - 1)),
                                  squeeze=False, gridspec_kw={"height_ratios": heights})
         for ax, (arch, m, sub) in zip(axes[:, 0], mats):
             epochs = list(m.columns)
@@ -559,13 +595,12 @@ def delta_heatmaps(runs: pd.DataFrame, histories, path: Path) -> Path | None:
             cb.set_label("δ (noise std)", fontsize=5)
             cb.ax.tick_params(labelsize=5)
         axes[-1, 0].set_xlabel("epoch")
-        fig.tight_layout()
+        _fixed_layout(fig, len(mats), 1, left=0.7, right=0.1, hspace=0.4, bottom=0.35)
         return _save(fig, path)
 
 
 # ---------------------------------------------------------------- residual overlay (Fig. 2)
 OVERLAY_METHODS = ("QCFS", "NQ")
-MAX_LAYERS = 8
 
 
 def pooled_residual_hist(datas: list[dict], residual: str | None = None
@@ -596,68 +631,77 @@ def pooled_residual_hist(datas: list[dict], residual: str | None = None
     return None if edges is None or used == 0 else (edges, [str(x) for x in layers], total, used)
 
 
-def residual_overlay(datas: dict[str, list[dict]], title: str, path: Path,
-                     residual: str | None = None, ncols: int = 4) -> Path | None:
-    """Fig. 2: per-layer histograms of the residual (units of λ) of each method,
-    overlaid, each pooled over the method's runs (counts summed), as a density per unit
-    of residual/λ on a log scale.  At most :data:`MAX_LAYERS` layers, evenly spaced."""
-    pooled = {m: pooled_residual_hist(datas.get(m, []), residual) for m in OVERLAY_METHODS}
-    pooled = {m: v for m, v in pooled.items() if v is not None}
-    if not pooled:
+def residual_overlay(datas: dict[str, dict[str, list[dict]]], title: str, path: Path,
+                     residual: str | None = None, ncols: int = 5) -> Path | None:
+    """Fig. 2: per layer, the histograms of the residual (units of λ) of QCFS and NQ
+    overlaid, each pooled over the method's runs (counts summed) and drawn as a density
+    per unit of residual/λ on a log scale; one row per architecture (``datas``: arch ->
+    method -> the runs' residual_hist.json), at most ``ncols`` layers per row, evenly
+    spaced from the first to the last."""
+    rows = []
+    for arch, by_method in datas.items():
+        pooled = {m: pooled_residual_hist(by_method.get(m, []), residual)
+                  for m in OVERLAY_METHODS}
+        pooled = {m: v for m, v in pooled.items() if v is not None}
+        if not pooled:
+            continue
+        edges, layers, _, _ = next(iter(pooled.values()))
+        pooled = {m: v for m, v in pooled.items()
+                  if v[0].shape == edges.shape and np.allclose(v[0], edges)
+                  and v[2].shape[0] == len(layers)}
+        n = len(layers)
+        shown = sorted(set(np.linspace(0, n - 1, min(n, ncols)).round().astype(int)))
+        rows.append((arch, pooled, edges, layers, shown))
+    if not rows:
         return None
-    edges, layers, _, _ = next(iter(pooled.values()))
-    pooled = {m: v for m, v in pooled.items()
-              if v[0].shape == edges.shape and np.allclose(v[0], edges)
-              and v[2].shape[0] == len(layers)}
-    n = len(layers)
-    shown = sorted(set(np.linspace(0, n - 1, min(n, MAX_LAYERS)).round().astype(int)))
-    widths = np.diff(edges)
-    centers = (edges[:-1] + edges[1:]) / 2
-    ncols = min(ncols, len(shown))
-    nrows = math.ceil(len(shown) / ncols)
+    ncols = max(len(r[4]) for r in rows)
+    nrows = len(rows)
+    height = 1.15 * nrows + 0.8
     with plt.rc_context({**STYLE, "font.size": 5, "axes.titlesize": 5, "xtick.labelsize": 4.5,
                          "ytick.labelsize": 4.5, "legend.fontsize": 5}):
-        height = 0.95 * nrows + 0.7
-        fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, height),
-                                 squeeze=False, sharex=True, sharey=True)
-        for ax, li in zip(axes.flat, shown):
-            for m, (e, _, counts, used) in pooled.items():
-                c = counts[li]
-                tot = c.sum()
-                if not tot:
-                    continue
-                dens = c / (tot * widths)
-                ax.stairs(np.where(dens > 0, dens, np.nan), e, color=_color(m), linewidth=0.7,
-                          label=f"{m} ({used} runs)")
-                sd = math.sqrt(max(0.0, float((c * centers ** 2).sum() / tot
-                                              - ((c * centers).sum() / tot) ** 2)))
-                ax.text(0.97, 0.95 - 0.13 * OVERLAY_METHODS.index(m)
-                        if m in OVERLAY_METHODS else 0.5, f"σ={sd:.2f}",
-                        transform=ax.transAxes, ha="right", va="top", color=_color(m),
-                        fontsize=4.5)
-            ax.set_yscale("log")
-            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=5))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_locator(NullLocator())
-            ax.set_xticks([-1, 0, 1] if edges[0] <= -1 and edges[-1] >= 1 else
-                          [edges[0], 0, edges[-1]])
-            ax.axvline(0, color="k", linewidth=0.3)
-            ax.set_title(layers[li], pad=1.5)
-            ax.tick_params(length=1.5, pad=1)
-        for ax in list(axes.flat)[len(shown):]:
-            ax.axis("off")
-        for ax in axes[:, 0]:
-            ax.set_ylabel("density (per unit)", fontsize=4.5)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(2 * WIDTH, height), squeeze=False,
+                                 sharey="row")
+        handles: dict[str, object] = {}
+        for (arch, pooled, edges, layers, shown), row in zip(rows, axes):
+            widths = np.diff(edges)
+            centers = (edges[:-1] + edges[1:]) / 2
+            for ax, li in zip(row, shown):
+                for k, (m, (_, _, counts, used)) in enumerate(pooled.items()):
+                    c = counts[li]
+                    tot = c.sum()
+                    if not tot:
+                        continue
+                    dens = c / (tot * widths)
+                    h = ax.stairs(np.where(dens > 0, dens, np.nan), edges, color=_color(m),
+                                  linewidth=0.7, label=m)
+                    handles.setdefault(m, h)
+                    mu = float((c * centers).sum() / tot)
+                    sd = math.sqrt(max(0.0, float((c * centers ** 2).sum() / tot) - mu ** 2))
+                    ax.text(0.97, 0.95 - 0.14 * k, f"σ={sd:.2f}", transform=ax.transAxes,
+                            ha="right", va="top", color=_color(m), fontsize=4.5)
+                ax.set_yscale("log")
+                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=5))
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_locator(NullLocator())
+                ax.set_xticks([-1, 0, 1] if edges[0] <= -1 and edges[-1] >= 1 else
+                              [edges[0], 0, edges[-1]])
+                ax.axvline(0, color="k", linewidth=0.3)
+                ax.set_title(f"{layers[li]}", pad=1.5)
+                ax.tick_params(length=1.5, pad=1)
+            for ax in row[len(shown):]:
+                ax.axis("off")
+            runs_txt = ", ".join(f"{m}: {v[3]} runs" for m, v in pooled.items())
+            row[0].set_ylabel(f"{arch_label(arch)}\n({runs_txt})\ndensity per unit",
+                              fontsize=4.5)
         for ax in axes[-1, :]:
             ax.set_xlabel("residual / λ", fontsize=4.5)
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        sub = (f"{title}: residual / λ per layer"
-               + (f" ({len(shown)} of {n} layers)" if len(shown) < n else "")
-               + "; runs pooled (counts summed); σ of the pooled histogram")
-        fig.suptitle(sub, fontsize=5.5)
-        fig.tight_layout(pad=0.3, h_pad=0.4, w_pad=0.3,
-                         rect=(0, 0.2 / height, 1, 1 - 0.22 / height))
-        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+        fig.suptitle(f"{title}: residual / λ per layer ({ncols} layers per architecture, "
+                     "evenly spaced), QCFS and NQ overlaid; each pooled over its runs "
+                     "(counts summed); σ of the pooled histogram", fontsize=5.5)
+        _fixed_layout(fig, nrows, ncols, left=0.6, top=0.35, bottom=0.45, wspace=0.12,
+                      hspace=0.35)
+        fig.legend(list(handles.values()), list(handles), loc="lower center",
+                   ncol=len(handles), frameon=False)
         return _save(fig, path)
 
 
@@ -673,7 +717,7 @@ def ablation(runs: pd.DataFrame, setting: str, path: Path, xlabel: str,
                     key=lambda k: (k[0], arch_order(k[1])))
     multi_ds = runs["dataset"].nunique() > 1
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(len(panels), 1, figsize=(WIDTH, 2.1 * len(panels)),
+        fig, axes = plt.subplots(len(panels), 1, figsize=(WIDTH, 2.1 * len(panels) + 0.3),
                                  squeeze=False)
         for ax, (ds, arch) in zip(axes[:, 0], panels):
             sub = runs[(runs["dataset"] == ds) & (runs["arch"] == arch)]
@@ -696,8 +740,8 @@ def ablation(runs: pd.DataFrame, setting: str, path: Path, xlabel: str,
             ax.set_xlabel(xlabel)
             ax.set_ylabel("SNN test accuracy (%)")
             ax.set_title(f"{arch_label(arch)}" + (f" — {ds}" if multi_ds else ""))
-        fig.tight_layout()
+        _fixed_layout(fig, len(panels), 1, hspace=0.55, bottom=0.45)
         handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
-                   ncol=min(4, len(labels)), frameon=False)   # below the panels
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)),
+                   frameon=False)   # below the panels
         return _save(fig, path)

@@ -39,6 +39,13 @@ class Stat(NamedTuple):
 
 
 def _clean(values: Iterable) -> np.ndarray:
+    if isinstance(values, np.ndarray) or hasattr(values, "dtype"):   # array or Series
+        try:
+            arr = np.asarray(values, dtype=float)
+        except (TypeError, ValueError):
+            arr = None
+        if arr is not None:
+            return arr[np.isfinite(arr)]
     out = []
     for v in values:
         try:

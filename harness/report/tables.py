@@ -91,14 +91,20 @@ def varying_settings(runs: pd.DataFrame) -> list[str]:
     if it differs among the runs of one of those methods (it is masked, "—",
     for the others).  A missing value counts as a value of its own.
     """
+    cols = _setting_columns(runs)
+    if not cols or runs.empty:
+        return []
+    vals = runs[cols].astype(object)
+    vals = vals.where(vals.notna(), NA)
+    overall = vals.nunique(dropna=False)
+    by_method = (vals.groupby(runs["method"]).nunique(dropna=False)
+                 if "method" in runs.columns else None)
     out = []
-    for s in _setting_columns(runs):
-        vals = runs[s].astype(object).where(runs[s].notna(), NA)
-        if relevant_methods(s) is None:
-            varies = vals.nunique(dropna=False) > 1
+    for s in cols:
+        if relevant_methods(s) is None or by_method is None:
+            varies = overall[s] > 1
         else:
-            varies = bool((vals.groupby(runs["method"]).nunique(dropna=False) > 1).any()) \
-                if "method" in runs.columns else vals.nunique(dropna=False) > 1
+            varies = bool((by_method[s] > 1).any())
         if varies:
             out.append(s)
     return out
@@ -234,41 +240,48 @@ def _delta_rows(a_runs: pd.DataFrame, arch: str, settings_cols: list[str],
                 if not (pd.isna(a) or pd.isna(b)):
                     pub_delta[disp] = float(a) - float(b)
     rows, notes = [], []
-    pairs: list[tuple[Row, pd.DataFrame, pd.DataFrame]] = []
-    for gkey, grp in _groups(nq, settings_cols):
+    pairs: list[tuple[Row, np.ndarray, np.ndarray]] = []
+    # per-seed values as arrays, looked up by key (one groupby per method, not per group)
+    base_vals = {_as_tuple(i): v for i, v in zip(base_seed.index,
+                                                  base_seed.to_numpy(dtype=float))}
+    cols = [c for c in vcols if c in nq.columns]
+    per_nq = nq.groupby(settings_cols + ["seed"], dropna=False)[cols].mean() \
+        .reindex(columns=vcols)
+    by_group: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+    for i, v in zip(per_nq.index, per_nq.to_numpy(dtype=float)):
+        i = _as_tuple(i)
+        by_group.setdefault(i[:-1], []).append((str(i[-1]), v))
+    for gkey in sorted(by_group, key=lambda k: _group_key_order(k, settings_cols)):
         settings = dict(zip(settings_cols, gkey))
-        mine = _per_seed(grp, pair_on, vcols)
-        common = mine.index.intersection(base_seed.index)
+        pkey = tuple(settings[s] for s in pair_on)
+        mine = by_group[gkey]
+        common = [(seed, v) for seed, v in mine if (seed, *pkey) in base_vals]
         where = ", ".join(f"{setting_label(k)}={v}" for k, v in settings.items())
         label = f"{arch_label(arch)}{f' ({where})' if where else ''}"
-        if len(common) == 0:
+        if not common:
             notes.append(f"No Δ row for {label}: no QCFS run has the same seed and shared "
                          "settings as the NQ runs.")
             continue
-        partners = base_seed
-        if pair_on:   # the QCFS runs that share this NQ group's settings
-            key = tuple(settings[s] for s in pair_on)
-            partners = base_seed[[tuple(i[1:]) == key for i in base_seed.index]]
+        partners = {k[0] for k in base_vals if k[1:] == pkey}   # QCFS seeds of the group
+        paired = {seed for seed, _ in common}
         if len(common) < max(len(mine), len(partners)):
-            lone_nq = sorted({_seed_of(i) for i in mine.index.difference(common)},
-                             key=setting_sort_key)
-            lone_q = sorted({_seed_of(i) for i in partners.index.difference(common)},
-                            key=setting_sort_key)
+            lone_nq = sorted({seed for seed, _ in mine} - paired, key=setting_sort_key)
+            lone_q = sorted(partners - paired, key=setting_sort_key)
             notes.append(f"Δ {label}: {len(common)} seed pairs; unpaired seeds left out of "
                          f"the Δ: NQ {', '.join(lone_nq) or 'none'}; QCFS "
                          f"{', '.join(lone_q) or 'none'}.")
-        a, b = mine.loc[common], base_seed.loc[common]
-        diff = (a - b).rename(columns={col: disp for disp, col in vmap.items()})
-        diff.index = [_seed_of(i) for i in diff.index]
-        diff.index.name = "seed"
+        a = np.vstack([v for _, v in common])
+        b = np.vstack([base_vals[(seed, *pkey)] for seed, _ in common])
+        diff = pd.DataFrame(a - b, index=pd.Index([seed for seed, _ in common], name="seed"),
+                            columns=list(vmap))
         row = Row(arch=arch, method=DELTA_LABEL, kind="delta", settings=settings,
                   cells={}, published_delta=pub_delta, per_seed=diff)
         rows.append(row)
         pairs.append((row, a, b))
     # the statistics of every cell of the arch's Δ rows in one batch (paired_stats_many)
     if pairs:
-        xs = [a[col].to_numpy(dtype=float) for _, a, _ in pairs for col in vcols]
-        ys = [b[col].to_numpy(dtype=float) for _, _, b in pairs for col in vcols]
+        xs = [a[:, j] for _, a, _ in pairs for j in range(len(vcols))]
+        ys = [b[:, j] for _, _, b in pairs for j in range(len(vcols))]
         width = max(len(v) for v in xs)
         pad = lambda v: np.concatenate([v, np.full(width - len(v), np.nan)])  # noqa: E731
         stats_ = paired_stats_many(np.vstack([pad(v) for v in xs]),
@@ -279,6 +292,10 @@ def _delta_rows(a_runs: pd.DataFrame, arch: str, settings_cols: list[str],
             row.cells = {key: (None if c is None else _with(c, p_holm=q))
                          for (key, c), q in zip(cells.items(), adj)}
     return rows, notes
+
+
+def _as_tuple(index_value) -> tuple:
+    return tuple(index_value) if isinstance(index_value, tuple) else (index_value,)
 
 
 def _seed_of(index_value) -> str:
@@ -453,7 +470,35 @@ def table1_frame(block: Block, fmt: str = "md") -> pd.DataFrame:
 
 
 def _md(df: pd.DataFrame) -> str:
-    return df.to_markdown(index=False, disable_numparse=True)
+    """Markdown pipe table of a frame of strings, as ``df.to_markdown(index=False,
+    disable_numparse=True)`` writes it (tabulate's "pipe" format: cells stripped and
+    left-aligned, a column at least its header + 2 wide), without tabulate's per-cell
+    type detection, which dominated the time of large reports."""
+    cells = [list(r) for r in df.itertuples(index=False, name=None)]
+    if df.empty or not all(isinstance(v, str) for r in cells for v in r):
+        return df.to_markdown(index=False, disable_numparse=True)
+    header = [str(c).strip() for c in df.columns]
+    cells = [[v.strip() for v in r] for r in cells]
+    widths = [max([_width(h) + 2] + [_width(r[j]) for r in cells]) for j, h in enumerate(header)]
+
+    def line(vals: list[str]) -> str:
+        return "| " + " | ".join(v + " " * (w - _width(v)) for v, w in zip(vals, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join(":" + "-" * (w + 1) for w in widths) + "|"]
+                     + [line(r) for r in cells])
+
+
+try:   # tabulate measures with wcwidth when it is installed: the same widths here
+    from wcwidth import wcswidth as _wcswidth
+except ImportError:  # pragma: no cover
+    _wcswidth = None
+
+
+def _width(text: str) -> int:
+    if _wcswidth is None or text.isascii():
+        return len(text)
+    w = _wcswidth(text)
+    return w if w >= 0 else len(text)
 
 
 def table1_caption(noisy: bool = False) -> str:
