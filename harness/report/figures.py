@@ -90,7 +90,7 @@ def acc_vs_T(runs: pd.DataFrame, path: Path) -> Path | None:
     archs = sorted(runs["arch"].unique(), key=arch_order)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(len(archs), 1, figsize=(WIDTH, 2.1 * len(archs) + 0.2),
-                                 squeeze=False)
+                                 squeeze=False, sharex=True)
         for ax, arch in zip(axes[:, 0], archs):
             a_runs = runs[runs["arch"] == arch]
             gcols = ["method"] + settings_cols
@@ -126,7 +126,7 @@ def acc_vs_T(runs: pd.DataFrame, path: Path) -> Path | None:
             ax.set_ylabel("test accuracy (%)")
             ax.legend(loc="lower right", frameon=False, fontsize=5 if many else None)
         axes[-1, 0].set_xlabel("time steps T")
-        _fixed_layout(fig, len(archs), 1, hspace=0.45)
+        _fixed_layout(fig, len(archs), 1, hspace=0.35)
         return _save(fig, path)
 
 
@@ -454,11 +454,11 @@ def selection_table(runs: pd.DataFrame, histories) -> pd.DataFrame:
     return out
 
 
-def _pooled_note(runs: pd.DataFrame) -> str:
-    """ "; pooled over L, τ": the settings that vary among the runs of a panel."""
+def _pooled_note(runs: pd.DataFrame, exclude: str | None = None) -> str:
+    """ "; L, τ pooled": the settings that vary among the runs of a panel."""
     parts = [setting_label(s) for s in varying_settings(runs)
-             if len({v for v in runs[s] if v != NA}) > 1]
-    return ("; pooled over " + ", ".join(parts)) if parts else ""
+             if s != exclude and len({v for v in runs[s] if v != NA}) > 1]
+    return ("; " + ", ".join(parts) + " pooled") if parts else ""
 
 
 SELECTION_METHODS = ("QCFS", "NQ")
@@ -490,7 +490,7 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
     with plt.rc_context({**STYLE, "font.size": 5.5, "axes.titlesize": 5.5,
                          "legend.fontsize": 5, "xtick.labelsize": 5, "ytick.labelsize": 5}):
         fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, 2.0 * nrows + 0.6),
-                                 squeeze=False)
+                                 squeeze=False, sharex=True)
         handles = {}
         for ax, (arch, method) in zip(axes.flat, panels):
             sub = runs[(runs["arch"] == arch) & (runs["method"] == method)]
@@ -538,11 +538,12 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"{arch_label(arch)}, {method} ({len(sub)} runs"
                          f"{_pooled_note(sub)})\n{stats_line}", fontsize=4.5)
-            ax.set_xlabel("epoch")
             ax.set_ylabel("accuracy (%)")
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        _fixed_layout(fig, nrows, ncols, top=0.4, bottom=0.55, hspace=0.7, wspace=0.4)
+        for ax in axes[-1, :]:
+            ax.set_xlabel("epoch")
+        _fixed_layout(fig, nrows, ncols, top=0.4, bottom=0.6, hspace=0.5, wspace=0.4)
         fig.legend(list(handles.values()), [h.get_label() for h in handles.values()],
                    loc="lower center", ncol=2, frameon=False, fontsize=4.5)
         return _save(fig, path)
@@ -573,6 +574,8 @@ def delta_heatmaps(runs: pd.DataFrame, histories, path: Path) -> Path | None:
             mats.append((arch, m, nq[nq["arch"] == arch]))
     if not mats:
         return None
+    vmin = min(float(np.nanmin(m.to_numpy(dtype=float))) for _, m, _ in mats)
+    vmax = max(float(np.nanmax(m.to_numpy(dtype=float))) for _, m, _ in mats)
     with plt.rc_context({**STYLE, "axes.grid": False}):
         heights = [max(1.2, 0.5 + 0.07 * len(m)) for _, m, _ in mats]
         fig, axes = plt.subplots(len(mats), 1,
@@ -581,7 +584,7 @@ def delta_heatmaps(runs: pd.DataFrame, histories, path: Path) -> Path | None:
         for ax, (arch, m, sub) in zip(axes[:, 0], mats):
             epochs = list(m.columns)
             im = ax.imshow(m.to_numpy(dtype=float), aspect="auto", origin="lower",
-                           cmap="viridis", interpolation="nearest",
+                           cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax,
                            extent=(epochs[0] - 0.5, epochs[-1] + 0.5, -0.5, len(m) - 0.5))
             names = [_DELTA_RE.match(k).group(2) for k in m.index]
             step = max(1, len(names) // 12)
@@ -589,13 +592,16 @@ def delta_heatmaps(runs: pd.DataFrame, histories, path: Path) -> Path | None:
             ax.set_yticklabels(names[::step], fontsize=4)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("layer")
-            ax.set_title(f"{arch_label(arch)}: δ_trained, mean over {len(sub)} NQ runs"
+            ax.set_title(f"{arch_label(arch)}: mean δ_trained of {len(sub)} NQ runs"
                          f"{_pooled_note(sub)}", fontsize=5.5)
-            cb = fig.colorbar(im, ax=ax, pad=0.02)
-            cb.set_label("δ (noise std)", fontsize=5)
-            cb.ax.tick_params(labelsize=5)
         axes[-1, 0].set_xlabel("epoch")
-        _fixed_layout(fig, len(mats), 1, left=0.7, right=0.1, hspace=0.4, bottom=0.35)
+        _fixed_layout(fig, len(mats), 1, left=0.7, right=0.55, hspace=0.4, bottom=0.35)
+        cax = fig.add_axes([1 - 0.45 / fig.get_size_inches()[0], 0.35 / fig.get_size_inches()[1],
+                            0.08 / fig.get_size_inches()[0],
+                            1 - 0.6 / fig.get_size_inches()[1]])
+        cb = fig.colorbar(im, cax=cax)
+        cb.set_label("δ (noise std), one scale for all panels", fontsize=5)
+        cb.ax.tick_params(labelsize=5)
         return _save(fig, path)
 
 
@@ -665,6 +671,10 @@ def residual_overlay(datas: dict[str, dict[str, list[dict]]], title: str, path: 
         for (arch, pooled, edges, layers, shown), row in zip(rows, axes):
             widths = np.diff(edges)
             centers = (edges[:-1] + edges[1:]) / 2
+            dens_all = np.concatenate([(v[2][li] / max(v[2][li].sum(), 1) / widths)
+                                       for v in pooled.values() for li in shown])
+            pos = dens_all[dens_all > 0]
+            narrow = pos.size == 0 or pos.max() / pos.min() < 1e3   # < 3 decades: 1-2-5
             for ax, li in zip(row, shown):
                 for k, (m, (_, _, counts, used)) in enumerate(pooled.items()):
                     c = counts[li]
@@ -680,7 +690,8 @@ def residual_overlay(datas: dict[str, dict[str, list[dict]]], title: str, path: 
                     ax.text(0.97, 0.95 - 0.14 * k, f"σ={sd:.2f}", transform=ax.transAxes,
                             ha="right", va="top", color=_color(m), fontsize=4.5)
                 ax.set_yscale("log")
-                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=5))
+                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if narrow else (1.0,),
+                                                      numticks=8))
                 ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.yaxis.set_minor_locator(NullLocator())
                 ax.set_xticks([-1, 0, 1] if edges[0] <= -1 and edges[-1] >= 1 else
@@ -718,7 +729,7 @@ def ablation(runs: pd.DataFrame, setting: str, path: Path, xlabel: str,
     multi_ds = runs["dataset"].nunique() > 1
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(len(panels), 1, figsize=(WIDTH, 2.1 * len(panels) + 0.3),
-                                 squeeze=False)
+                                 squeeze=False, sharex=True)
         for ax, (ds, arch) in zip(axes[:, 0], panels):
             sub = runs[(runs["dataset"] == ds) & (runs["arch"] == arch)]
             xs_all = sorted(sub[setting].unique(), key=setting_sort_key)
@@ -737,10 +748,11 @@ def ablation(runs: pd.DataFrame, setting: str, path: Path, xlabel: str,
                 ax.set_xscale("log", base=2)
             ax.set_xticks(xpos)
             ax.set_xticklabels(xs_all)
-            ax.set_xlabel(xlabel)
             ax.set_ylabel("SNN test accuracy (%)")
-            ax.set_title(f"{arch_label(arch)}" + (f" — {ds}" if multi_ds else ""))
-        _fixed_layout(fig, len(panels), 1, hspace=0.55, bottom=0.45)
+            ax.set_title(f"{arch_label(arch)}" + (f" — {ds}" if multi_ds else "")
+                         + _pooled_note(sub, exclude=setting))
+        axes[-1, 0].set_xlabel(xlabel)
+        _fixed_layout(fig, len(panels), 1, hspace=0.35, bottom=0.9)
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)),
                    frameon=False)   # below the panels
