@@ -450,8 +450,12 @@ class Histories(Mapping):
     def select(self, keys) -> pd.DataFrame:
         """Rows of the long frame with these keys (run_id and key as plain strings)."""
         sub = self.long[self.long["key"].isin(list(keys))]
-        return pd.DataFrame({"run_id": sub["run_id"].astype(str).to_numpy(),
-                             "key": sub["key"].astype(str).to_numpy(),
+
+        def strings(col: str) -> np.ndarray:   # categories picked by code: no str() per row
+            cats = np.asarray([str(c) for c in sub[col].cat.categories], dtype=object)
+            return cats[sub[col].cat.codes.to_numpy()]
+
+        return pd.DataFrame({"run_id": strings("run_id"), "key": strings("key"),
                              "step": sub["step"].to_numpy(), "value": sub["value"].to_numpy()})
 
     @classmethod

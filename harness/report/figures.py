@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 from matplotlib.ticker import (FuncFormatter, LogLocator, MaxNLocator,  # noqa: E402
                                NullLocator)
 import numpy as np  # noqa: E402
@@ -46,17 +47,40 @@ def _color(method: str, i: int = 0) -> str:
 
 def _save(fig, path: Path) -> Path:
     """Write the figure as PNG (``path``) and as PDF (same name, ``.pdf``), both cut to
-    the tight bounding box, which is computed once for the two."""
+    the drawn content plus a small margin.  One raster draw: the PNG is the cropped
+    canvas, and its crop box (found from the non-white pixels) is the PDF's bounding
+    box, so neither a tight-bbox pass nor a second raster draw is needed."""
+    from PIL import Image
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the layout is done: no layout engine (tight_layout leaves one), so that savefig
-    # draws the figure once
-    fig.set_layout_engine(None)
-    bbox = fig.get_tightbbox(fig.canvas.get_renderer()).padded(STYLE["savefig.pad_inches"])
-    fig.savefig(path, dpi=DPI, bbox_inches=bbox, metadata={"Software": None})
+    fig.set_layout_engine(None)     # the layout is done; none to run again while saving
+    fig.set_dpi(DPI)
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    h, w = rgba.shape[:2]
+    ink = (rgba[..., :3] < 250).any(axis=-1)
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    pad = int(round(STYLE["savefig.pad_inches"] * DPI))
+    if rows.size:
+        r0, r1 = max(0, rows[0] - pad), min(h, rows[-1] + 1 + pad)
+        c0, c1 = max(0, cols[0] - pad), min(w, cols[-1] + 1 + pad)
+    else:
+        r0, r1, c0, c1 = 0, h, 0, w
+    Image.fromarray(rgba[r0:r1, c0:c1]).save(path, dpi=(DPI, DPI))
+    bbox = Bbox.from_extents(c0 / DPI, (h - r1) / DPI, c1 / DPI, (h - r0) / DPI)
     fig.savefig(path.with_suffix(".pdf"), bbox_inches=bbox,
                 metadata={"Creator": None, "Producer": None, "CreationDate": None})
     plt.close(fig)
     return path
+
+
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """Break a title into lines that fit ``width_in`` inches at ``fontsize`` points (the
+    saved files are cut to the canvas, so a title must not run past it)."""
+    import textwrap
+
+    chars = max(20, int(width_in * 72 / (fontsize * 0.56)))
+    return "\n".join(textwrap.fill(line, chars) for line in str(text).split("\n"))
 
 
 MANY_LINES = 8   # more variants than this in one panel: thin lines coloured by method
@@ -121,8 +145,8 @@ def acc_vs_T(runs: pd.DataFrame, path: Path) -> Path | None:
             ax.set_xscale("log", base=2)
             ax.set_xticks(ts)
             ax.set_xticklabels([str(t) for t in ts])
-            ax.set_title(arch_label(arch) + (f" ({len(groups)} variants, mean over seeds)"
-                                             if many else ""))
+            ax.set_title(_wrap(arch_label(arch) + (f" ({len(groups)} variants, mean over "
+                                                   "seeds)" if many else ""), WIDTH, 7))
             ax.set_ylabel("test accuracy (%)")
             ax.legend(loc="lower right", frameon=False, fontsize=5 if many else None)
         axes[-1, 0].set_xlabel("time steps T")
@@ -176,7 +200,7 @@ def training_curves(hist: pd.DataFrame, best_epoch: float | None, title: str,
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy (%)")
-        ax.set_title(title)
+        ax.set_title(_wrap(title, WIDTH, 7))
         ax.legend(loc="best", frameon=False)
         fig.tight_layout()
         return _save(fig, path)
@@ -219,7 +243,8 @@ def delta_heatmap(hist: pd.DataFrame, title: str, path: Path) -> Path | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("layer")
-        ax.set_title(f"{title}: δ_trained (δ used in training during the epoch)")
+        ax.set_title(_wrap(f"{title}: δ_trained (δ used in training during the epoch)",
+                           WIDTH, 7))
         cb = fig.colorbar(im, ax=ax, pad=0.02)
         cb.set_label("δ_trained (noise std)")
         cb.ax.tick_params(labelsize=6)
@@ -267,7 +292,7 @@ def residual_hist(data: dict, title: str, path: Path, ncols: int = 4) -> Path | 
         sub = f"{title}: residual / λ (fraction of values per bin, log; μ, σ absolute)"
         if data.get("tau") is not None:
             sub += f" at T={data['tau']}"
-        fig.suptitle(sub, fontsize=6)
+        fig.suptitle(_wrap(sub, WIDTH, 6), fontsize=6)
         fig.tight_layout(pad=0.3, h_pad=0.3, w_pad=0.2, rect=(0, 0, 1, 1 - 0.2 / height))
         return _save(fig, path)
 
@@ -388,7 +413,7 @@ def epoch_time(runs: pd.DataFrame, histories, path: Path) -> Path | None:
                            fontsize=5)
         ax.set_ylabel("time per epoch (s)")
         ax.set_ylim(0, top)
-        ax.set_title(f"Median of epochs {ep_lo}–{ep_hi} per run, median over the runs; "
+        ax.set_title(f"Median of epochs {ep_lo}–{ep_hi} per run, median over the runs;\n"
                      f"epoch 1 (warm-up, incl. compilation) excluded", fontsize=5.5)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28 - 0.06 * multi_ds), ncol=2,
                   frameon=False, fontsize=5)
@@ -536,8 +561,9 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
             if len(known) > same:
                 stats_line += f"; SNN test {known.mean():.1f} (n={len(known)})"
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_title(f"{arch_label(arch)}, {method} ({len(sub)} runs"
-                         f"{_pooled_note(sub)})\n{stats_line}", fontsize=4.5)
+            ax.set_title(_wrap(f"{arch_label(arch)}, {method} ({len(sub)} runs"
+                               f"{_pooled_note(sub)})\n{stats_line}", WIDTH / ncols, 4.5),
+                         fontsize=4.5)
             ax.set_ylabel("accuracy (%)")
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
@@ -592,8 +618,8 @@ def delta_heatmaps(runs: pd.DataFrame, histories, path: Path) -> Path | None:
             ax.set_yticklabels(names[::step], fontsize=4)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel("layer")
-            ax.set_title(f"{arch_label(arch)}: mean δ_trained of {len(sub)} NQ runs"
-                         f"{_pooled_note(sub)}", fontsize=5.5)
+            ax.set_title(_wrap(f"{arch_label(arch)}: mean δ_trained of {len(sub)} NQ runs"
+                               f"{_pooled_note(sub)}", WIDTH - 1.0, 5.5), fontsize=5.5)
         axes[-1, 0].set_xlabel("epoch")
         _fixed_layout(fig, len(mats), 1, left=0.7, right=0.55, hspace=0.4, bottom=0.35)
         cax = fig.add_axes([1 - 0.45 / fig.get_size_inches()[0], 0.35 / fig.get_size_inches()[1],
@@ -706,9 +732,10 @@ def residual_overlay(datas: dict[str, dict[str, list[dict]]], title: str, path: 
                               fontsize=4.5)
         for ax in axes[-1, :]:
             ax.set_xlabel("residual / λ", fontsize=4.5)
-        fig.suptitle(f"{title}: residual / λ per layer ({ncols} layers per architecture, "
-                     "evenly spaced), QCFS and NQ overlaid; each pooled over its runs "
-                     "(counts summed); σ of the pooled histogram", fontsize=5.5)
+        fig.suptitle(_wrap(f"{title}: residual / λ per layer ({ncols} layers per "
+                           "architecture, evenly spaced), QCFS and NQ overlaid; each pooled "
+                           "over its runs (counts summed); σ of the pooled histogram",
+                           2 * WIDTH, 5.5), fontsize=5.5)
         _fixed_layout(fig, nrows, ncols, left=0.6, top=0.35, bottom=0.45, wspace=0.12,
                       hspace=0.35)
         fig.legend(list(handles.values()), list(handles), loc="lower center",
@@ -749,8 +776,8 @@ def ablation(runs: pd.DataFrame, setting: str, path: Path, xlabel: str,
             ax.set_xticks(xpos)
             ax.set_xticklabels(xs_all)
             ax.set_ylabel("SNN test accuracy (%)")
-            ax.set_title(f"{arch_label(arch)}" + (f" — {ds}" if multi_ds else "")
-                         + _pooled_note(sub, exclude=setting))
+            ax.set_title(_wrap(f"{arch_label(arch)}" + (f" — {ds}" if multi_ds else "")
+                               + _pooled_note(sub, exclude=setting), WIDTH, 7))
         axes[-1, 0].set_xlabel(xlabel)
         _fixed_layout(fig, len(panels), 1, hspace=0.35, bottom=0.9)
         handles, labels = axes[0, 0].get_legend_handles_labels()
