@@ -26,8 +26,8 @@ from matplotlib.ticker import (FuncFormatter, LogLocator, MaxNLocator,  # noqa: 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .collect import (NA, arch_label, arch_order, method_order, setting_label,  # noqa: E402
-                      setting_sort_key)
+from .collect import (NA, arch_label, arch_order, is_setting_column,  # noqa: E402
+                      method_order, setting_label, setting_sort_key)
 from .tables import stat_of, t_values, varying_settings  # noqa: E402
 
 WIDTH = 3.4
@@ -481,8 +481,8 @@ def selection_table(runs: pd.DataFrame, histories) -> pd.DataFrame:
 
 def _pooled_note(runs: pd.DataFrame, exclude: str | None = None) -> str:
     """ "; L, τ pooled": the settings that vary among the runs of a panel."""
-    parts = [setting_label(s) for s in varying_settings(runs)
-             if s != exclude and len({v for v in runs[s] if v != NA}) > 1]
+    parts = [setting_label(s) for s in runs.columns if is_setting_column(s) and s != exclude
+             and runs[s][runs[s] != NA].nunique() > 1]
     return ("; " + ", ".join(parts) + " pooled") if parts else ""
 
 
@@ -762,13 +762,16 @@ def ablation(runs: pd.DataFrame, setting: str, path: Path, xlabel: str,
             xs_all = sorted(sub[setting].unique(), key=setting_sort_key)
             numeric = all(setting_sort_key(v)[0] == 0 for v in xs_all)
             xpos = [float(v) for v in xs_all] if numeric else list(range(len(xs_all)))
-            for i, t in enumerate(ts):
-                stats = [stat_of(sub[sub[setting] == v][f"T{t}"]) for v in xs_all]
-                pts = [(x, s) for x, s in zip(xpos, stats) if s is not None]
+            tcols = [f"T{t}" for t in ts]
+            grp = sub[[setting] + tcols].groupby(setting)[tcols]
+            mean, std, cnt = grp.mean(), grp.std(ddof=1), grp.count()
+            for i, (t, c) in enumerate(zip(ts, tcols)):
+                pts = [(x, mean.at[v, c], std.at[v, c]) for x, v in zip(xpos, xs_all)
+                       if cnt.at[v, c] > 0]
                 if not pts:
                     continue
-                ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts],
-                            yerr=[0.0 if pd.isna(p[1].std) else p[1].std for p in pts],
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                            yerr=[0.0 if pd.isna(p[2]) else p[2] for p in pts],
                             marker="o", capsize=2, color=plt.cm.viridis(i / max(1, len(ts) - 1)),
                             label=f"T={t}")
             if log_x and numeric and min(xpos) > 0:
