@@ -10,7 +10,8 @@ from pathlib import Path
 
 from . import protocol, tables
 from .collect import (EXCLUDED_PARAMS, NA, Collected, ReportError, arch_label, arch_order,
-                      collect, default_tracking_uri, setting_label, setting_sort_key)
+                      collect, dataset_display, default_tracking_uri, setting_label,
+                      setting_sort_key)
 
 FORMATS = ("md", "tex", "png")
 
@@ -211,7 +212,8 @@ def _write_figures(col: Collected, out: Path, per_trial: bool = False) -> list[P
             datas[arch] = {m: [d for rid in sub.loc[sub["method"] == m, "run_id"]
                                if (d := col.residual_hist(rid))]
                            for m in figures.OVERLAY_METHODS}
-        paths.append(figures.residual_overlay(datas, ds, out / f"residual_overlay_{stem}.png",
+        paths.append(figures.residual_overlay(datas, dataset_display(key, ds),
+                                              out / f"residual_overlay_{stem}.png",
                                               residual=residual))
     paths.append(figures.epoch_time(runs, col.histories, out / "epoch_time.png"))
     paths.append(figures.ablation(runs[runs["method"] == "NQ-fixed"], "delta",
@@ -253,7 +255,7 @@ _FIG_SECTIONS = [
     ("epoch_time", "Training time per epoch (Fig. 6)", True,
      "Median of epochs 2 … E of each run, then the median over the runs of the bar "
      "(seeds and settings); epoch 1 is left out because it includes compilation and "
-     "other warm-up, and its total is printed above each bar. Calibration is what each "
+     "other warm-up, and its total is printed under each bar. Calibration is what each "
      "method does after an epoch: NQ measures the residual and sets δ for the next "
      "epoch; QCFS only measures the residual (for the residual figures), it uses no δ; "
      "NQ-fixed does none."),

@@ -61,6 +61,15 @@ def _save(fig, path: Path) -> Path:
     ink = (rgba[..., :3] < 250).any(axis=-1)
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
     pad = int(round(STYLE["savefig.pad_inches"] * DPI))
+    meta_pdf = {"Creator": None, "Producer": None, "CreationDate": None}
+    if rows.size and (rows[0] == 0 or rows[-1] == h - 1 or cols[0] == 0 or cols[-1] == w - 1):
+        # something reaches the canvas edge (it may run past it): the tight bounding box
+        bbox = fig.get_tightbbox(fig.canvas.get_renderer()).padded(
+            STYLE["savefig.pad_inches"])
+        fig.savefig(path, dpi=DPI, bbox_inches=bbox, metadata={"Software": None})
+        fig.savefig(path.with_suffix(".pdf"), bbox_inches=bbox, metadata=meta_pdf)
+        plt.close(fig)
+        return path
     if rows.size:
         r0, r1 = max(0, rows[0] - pad), min(h, rows[-1] + 1 + pad)
         c0, c1 = max(0, cols[0] - pad), min(w, cols[-1] + 1 + pad)
@@ -68,8 +77,7 @@ def _save(fig, path: Path) -> Path:
         r0, r1, c0, c1 = 0, h, 0, w
     Image.fromarray(rgba[r0:r1, c0:c1]).save(path, dpi=(DPI, DPI))
     bbox = Bbox.from_extents(c0 / DPI, (h - r1) / DPI, c1 / DPI, (h - r0) / DPI)
-    fig.savefig(path.with_suffix(".pdf"), bbox_inches=bbox,
-                metadata={"Creator": None, "Producer": None, "CreationDate": None})
+    fig.savefig(path.with_suffix(".pdf"), bbox_inches=bbox, metadata=meta_pdf)
     plt.close(fig)
     return path
 
@@ -378,7 +386,7 @@ def epoch_time(runs: pd.DataFrame, histories, path: Path) -> Path | None:
     labels = [f"{arch_label(a)}\n{m}" + (f"\n{d}" if multi_ds else "") for d, a, m in keys]
     ep_lo, ep_hi = WARMUP_EPOCHS + 1, WARMUP_EPOCHS + int(df["n_epochs"].max())
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(WIDTH, 2.6))
+        fig, ax = plt.subplots(figsize=(WIDTH, 3.0))
         x = np.arange(len(keys))
         bottom = np.zeros(len(keys))
         train = np.array([agg.loc[k, "train"] for k in keys])
@@ -403,19 +411,16 @@ def epoch_time(runs: pd.DataFrame, histories, path: Path) -> Path | None:
         for xi, tot, k in zip(x, bottom, keys):
             ax.text(xi, tot, f"{tot:.2f}", ha="center", va="bottom", fontsize=5)
         first = np.array([agg.loc[k, "first"] for k in keys], dtype=float)
-        top = max(bottom.max(), 1e-9) * 1.18
-        for xi, f in zip(x, first):
-            if np.isfinite(f):
-                ax.annotate(f"epoch 1: {f:.1f} s", (xi, top * 0.97), ha="center", va="top",
-                            fontsize=4.5, color="0.35")
+        top = max(bottom.max(), 1e-9) * 1.12
         ax.set_xticks(x)
-        ax.set_xticklabels([f"{lab}\n(n={int(n_runs.loc[k])})" for lab, k in zip(labels, keys)],
-                           fontsize=5)
+        ax.set_xticklabels([f"{lab}\n(n={int(n_runs.loc[k])})"
+                            + (f"\nepoch 1: {f:.1f} s" if np.isfinite(f) else "")
+                            for lab, k, f in zip(labels, keys, first)], fontsize=5)
         ax.set_ylabel("time per epoch (s)")
         ax.set_ylim(0, top)
         ax.set_title(f"Median of epochs {ep_lo}–{ep_hi} per run, median over the runs;\n"
                      f"epoch 1 (warm-up, incl. compilation) excluded", fontsize=5.5)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28 - 0.06 * multi_ds), ncol=2,
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.34 - 0.06 * multi_ds), ncol=1,
                   frameon=False, fontsize=5)
         ax.grid(axis="x", visible=False)
         fig.tight_layout()
@@ -514,7 +519,7 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
     nrows = math.ceil(len(panels) / ncols)
     with plt.rc_context({**STYLE, "font.size": 5.5, "axes.titlesize": 5.5,
                          "legend.fontsize": 5, "xtick.labelsize": 5, "ytick.labelsize": 5}):
-        fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, 2.0 * nrows + 0.6),
+        fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, 2.0 * nrows + 0.8),
                                  squeeze=False, sharex=True)
         handles = {}
         for ax, (arch, method) in zip(axes.flat, panels):
@@ -526,7 +531,7 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
             sel_key = sel_keys.mode().iloc[0] if not sel_keys.empty else None
             ann = lp[lp["key"] == "ann/test_acc"].groupby("step")["value"].mean()
             h = ax.plot(ann.index, ann.values, color="tab:gray", marker="o", markersize=1.5,
-                        label="ANN test acc. (mean over runs)")
+                        label="ANN test accuracy (mean over the runs)")
             handles.setdefault("ann", h[0])
             y_min = ann.min() if not ann.empty else np.nan
             if sel_key is not None:
@@ -534,8 +539,8 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
                 snn = lp[lp["key"] == sel_key].groupby("step")["value"].mean()
                 split = "TEST" if m.group(1) == "test" else "val"
                 h = ax.plot(snn.index, snn.values, color="tab:red", marker="s", markersize=1.5,
-                            label=f"SNN {split} acc. at T={int(m.group(2))}, the selection "
-                                  "metric (mean)")
+                            label=f"SNN {split} accuracy at T={int(m.group(2))}: the "
+                                  "selection metric (mean)")
                 handles.setdefault("snn", h[0])
                 y_min = np.nanmin([y_min, snn.min()]) if not snn.empty else y_min
             lo, hi = ax.get_ylim()
@@ -545,10 +550,10 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
             es, ea = tp["epoch_snn"].dropna().to_numpy(), tp["epoch_ann"].dropna().to_numpy()
             h1 = ax.scatter(es + jit(len(es)), np.full(len(es), rug), marker="^", s=6,
                             color="tab:red", alpha=0.6, linewidths=0,
-                            label="epoch selected by SNN val. acc. (per run)")
+                            label="epoch the SNN criterion selected (one per run)")
             h2 = ax.scatter(ea + jit(len(ea)), np.full(len(ea), rug - 0.05 * (hi - lo)),
                             marker="v", s=6, color="tab:gray", alpha=0.6, linewidths=0,
-                            label="epoch best ANN val. acc. would select (per run)")
+                            label="epoch of the best ANN val. accuracy (one per run)")
             handles.setdefault("es", h1)
             handles.setdefault("ea", h2)
             ax.set_ylim(rug - 0.1 * (hi - lo), hi)
@@ -569,9 +574,9 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
             ax.axis("off")
         for ax in axes[-1, :]:
             ax.set_xlabel("epoch")
-        _fixed_layout(fig, nrows, ncols, top=0.4, bottom=0.6, hspace=0.5, wspace=0.4)
+        _fixed_layout(fig, nrows, ncols, top=0.4, bottom=0.8, hspace=0.5, wspace=0.4)
         fig.legend(list(handles.values()), [h.get_label() for h in handles.values()],
-                   loc="lower center", ncol=2, frameon=False, fontsize=4.5)
+                   loc="lower center", ncol=1, frameon=False, fontsize=4.5)
         return _save(fig, path)
 
 
