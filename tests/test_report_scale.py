@@ -90,3 +90,25 @@ def test_markdown_tables_as_tabulate_writes_them():
         assert tables._md(df) == df.to_markdown(index=False, disable_numparse=True)
     empty = pd.DataFrame({"A": [], "B": []})
     assert tables._md(empty) == empty.to_markdown(index=False, disable_numparse=True)
+
+
+@pytest.mark.slow
+def test_benchmark_store_is_a_harness_sweep(tmp_path):
+    """The synthetic store of benchmarks/report_scale.py reads like a real sweep."""
+    from benchmarks.report_scale import EXPERIMENT, build_store, grid
+    from harness.report.cli import write_report
+
+    assert len(grid(1000)) == 1000 and sum(t.get("status") == "FAILED" for t in grid(1000)) == 10
+    uri, facts = build_store(tmp_path / "store", 40, 3)
+    col = collect_mod.collect(EXPERIMENT, uri)
+    assert len(col.runs) == 39 and col.status_counts["FAILED"] == 1
+    assert set(col.runs["method"]) == {"QCFS", "NQ"}          # the first 40 of the grid
+    assert col.varying == ["L", "tau"]
+    h = col.histories[col.runs["run_id"].iloc[0]]
+    assert list(h.index) == [1, 2, 3] and "time/epoch_s" in h.columns
+    out = tmp_path / "report"
+    written = write_report(col, out, {"md", "tex", "png"})
+    names = {p.name for p in written["figures"]}
+    assert {"selection_cifar10.png", "residual_overlay_cifar10.png", "epoch_time.png",
+            "ablation_tau.png"} <= names
+    assert not any(n.startswith("curves_") for n in names)
