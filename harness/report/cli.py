@@ -19,13 +19,16 @@ FORMATS = ("md", "tex", "png")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="harness report",
-        description="Tables (md/tex) and figures (png) for one MLflow experiment (sweep).")
+        description="Tables (Markdown, LaTeX) and figures (PNG and PDF) for one MLflow "
+                    "experiment (sweep).")
     p.add_argument("--experiment", required=True, help="MLflow experiment (= sweep) name")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--out", default=None, help="output folder (default: reports/<experiment>/)")
     p.add_argument("--format", default="md,tex,png",
-                   help="comma-separated subset of md,tex,png (default: all)")
+                   help="comma-separated subset of md,tex,png (default: all); png writes "
+                        "every figure as PNG and as PDF; tex writes table1.tex, "
+                        "table1_delta.tex, table2.tex and preamble.tex")
     p.add_argument("--parent", default=None, metavar="RUN_ID",
                    help="report the trials of this parent run (default: the newest parent "
                         "run of the experiment)")

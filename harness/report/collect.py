@@ -1,9 +1,13 @@
 """MLflow store -> tidy pandas frames.
 
 One row per FINISHED child ("trial") run of an experiment, with the
-parameters that matter for the report parsed into plain columns, plus
-per-run metric histories and lazily downloaded ``residual_hist.json``
-artifacts.
+parameters that matter for the report parsed into plain columns, plus the
+per-epoch metric histories (:class:`Histories`) and the ``residual_hist.json``
+artifacts, read on demand (from disk when the artifact store is local).
+
+A sqlite store is read in bulk with the standard library's sqlite3 (a handful
+of queries, mlflow not imported: :class:`_SqliteStore`); any other store through
+the MLflow client, one request per run and metric.
 """
 from __future__ import annotations
 
