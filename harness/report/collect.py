@@ -591,36 +591,35 @@ class _SqliteStore:
         return out.sort_values("start_time", ascending=False, kind="stable") \
             .reset_index(drop=True)
 
-    def histories(self, run_ids: list[str]) -> Histories:
-        """The :data:`_HISTORY_KEYS` histories of ``run_ids``: one indexed query per run
-        (index on (run_uuid, key, step)), no run id repeated per row."""
+    def histories(self, exp_id: int, run_ids: list[str]) -> Histories:
+        """The :data:`_HISTORY_KEYS` histories of ``run_ids`` (runs of ``exp_id``) in one
+        query over the primary key index of ``metrics`` (key ranges; the index holds
+        every column, so no table lookups), fetched and turned into arrays in chunks of
+        rows so that memory stays bounded."""
         cond = " OR ".join(_key_range(p) for p in _HISTORY_PREFIXES)
-        sql = (f"SELECT key, step, timestamp, value, is_nan FROM metrics "
-               f"WHERE run_uuid = ? AND ({cond})")
+        cur = self.con.execute(
+            f"SELECT run_uuid, key, step, timestamp, value, is_nan FROM metrics "
+            f"WHERE ({cond}) AND run_uuid IN (SELECT run_uuid FROM runs WHERE "
+            f"experiment_id = ? AND lifecycle_stage = 'active')", (exp_id,))
+        run_code = {str(r): i for i, r in enumerate(run_ids)}
         keys: dict[str, int] = {}          # every wanted key -> its code
         parts: list[tuple] = []
-        chunk = 64                         # runs per batch of rows turned into arrays
-        for start in range(0, len(run_ids), chunk):
-            rows: list[tuple] = []
-            counts = []
-            for rid in run_ids[start:start + chunk]:
-                got = self.con.execute(sql, (rid,)).fetchall()
-                counts.append(len(got))
-                rows.extend(got)
+        while True:
+            rows = cur.fetchmany(50_000)
             if not rows:
-                continue
-            k, st, ts, va, nan = zip(*rows)
+                break
+            rid, k, st, ts, va, nan = zip(*rows)
             del rows
-            cat = pd.Categorical(k)
-            remap = np.array([keys.setdefault(str(c), len(keys))
-                              if _HISTORY_KEYS.match(str(c)) else -1
-                              for c in cat.categories], dtype=np.int64)
-            codes = remap[cat.codes]
-            keep = codes >= 0
+            rcat, kcat = pd.Categorical(rid), pd.Categorical(k)
+            rmap = np.array([run_code.get(str(c), -1) for c in rcat.categories], dtype=np.int64)
+            kmap = np.array([keys.setdefault(str(c), len(keys))
+                             if _HISTORY_KEYS.match(str(c)) else -1
+                             for c in kcat.categories], dtype=np.int64)
+            rc, kc = rmap[rcat.codes], kmap[kcat.codes]
+            keep = (rc >= 0) & (kc >= 0)
             vals = np.asarray(va, dtype=float)
             vals[np.asarray(nan, dtype=bool)] = np.nan
-            runs_ = np.repeat(np.arange(start, start + len(counts), dtype=np.int64), counts)
-            parts.append((runs_[keep], codes[keep], np.asarray(st, dtype=np.int64)[keep],
+            parts.append((rc[keep], kc[keep], np.asarray(st, dtype=np.int64)[keep],
                           np.asarray(ts, dtype=np.int64)[keep], vals[keep]))
         if not parts:
             return Histories(None, list(run_ids))
@@ -681,7 +680,7 @@ def collect(experiment: str, tracking_uri: str, *, histories: bool = True,
 
     ``parent``: the parent run id; default: the newest parent run (by start time).
     ``bulk``: with a sqlite store, read the runs (params, tags, final metrics) in four
-    SQL queries and the metric histories in one indexed query per run, with the
+    SQL queries and the metric histories in one more, with the
     standard library's sqlite3 (:class:`_SqliteStore`; mlflow is not imported).  Other
     stores (HTTP, file, PostgreSQL, …), ``bulk=False``, or a sqlite schema that the
     queries do not fit: ``mlflow.search_runs`` and one ``get_metric_history`` per run
@@ -729,7 +728,7 @@ def collect(experiment: str, tracking_uri: str, *, histories: bool = True,
             hist = None
             if store is not None:
                 try:
-                    hist = store.histories(ids)
+                    hist = store.histories(exp_id, ids)
                 except sqlite3.Error as exc:
                     log.info("bulk sqlite history reading failed (%s)", exc)
             if hist is None:
