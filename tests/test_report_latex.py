@@ -231,3 +231,14 @@ def test_compile_check_catches_overfull():
     assert not res.ok and res.overfull and not res.errors
     res = latex.compile_table("\\undefinedmacro\n")
     assert not res.ok and res.errors
+
+
+def test_table2_tex_from_either_frame_format():
+    runs = frame(**SHAPES["cpu_cifar10"])
+    pub = tables.load_published()
+    md = tables.render_table2_tex(tables.build_table2(runs, pub, fmt="md"))
+    tex = tables.render_table2_tex(tables.build_table2(runs, pub, fmt="tex"))
+    # fmt="tex" cells carry no n: the caption says "over seeds", the rest is equal
+    strip = lambda t: re.sub(r"\\caption\{.*?\}\n", "", t, flags=re.S)  # noqa: E731
+    assert strip(md) == strip(tex)
+    assert "over $n = 2$ seeds" in md and "over seeds" in tex and "$n = 1$" not in tex

@@ -291,6 +291,12 @@ def _index_md(col: Collected, out: Path, written: dict[str, list[Path]], table1_
     if written["tables"]:
         lines += ["## Tables", ""]
         lines += [f"- [{p.name}]({p.name})" for p in written["tables"]] + [""]
+        if any(p.suffix == ".tex" for p in written["tables"]):
+            lines += ["LaTeX: `\\input{preamble.tex}` in the paper's preamble (booktabs, "
+                      "multirow, siunitx 3, graphicx), then `\\input{table1.tex}` where the "
+                      "table goes. Each table fits the text width of a 10-pt `article` "
+                      "(wide tables are split into stacked panels); the NQ − QCFS rows with "
+                      "their CIs and p-values are in `table1_delta.tex`.", ""]
     lines += ["## Table 1", "", table1_md.strip(), ""]
     findings = tables.delta_findings(blocks or [])
     n_sig = sum(1 for b in blocks or [] for r in b.rows if r.kind == "delta"

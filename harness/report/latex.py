@@ -155,8 +155,11 @@ def si_cell(s: Stat | Paired | None, signed: bool = False, bold: bool = False,
 
 
 def parse_num(text: str) -> Num:
-    """Markdown cell text (``90.50 ± 0.71 (n=2)``, ``**84.50**``, ``—``) -> Num."""
-    t = str(text).strip()
+    """Cell text of a Table 2 frame (markdown: ``90.50 ± 0.71 (n=2)``, ``**84.50**``,
+    ``—``; or ``fmt="tex"``: ``90.50 $\\pm$ 0.71``) -> Num."""
+    t = str(text).strip().replace(r"$\pm$", "±").replace("$-$", "−")   # fmt="tex" cells too
+    if t.startswith(r"\textbf{") and t.endswith("}"):
+        t = "**" + t[len(r"\textbf{"):-1] + "**"
     bold = t.startswith("**") and t.endswith("**")
     t = t.strip("*").strip()
     m = _NUM_RE.match(t)
@@ -647,18 +650,20 @@ def render_table2_tex(tables: dict[str, pd.DataFrame]) -> str:
         anns = [parse_num(v) for v in df[ann_c]]
         bests = [parse_num(v) for v in df[best_c]]
         for i, pair in enumerate(zip(anns, bests)):
-            for x in pair:   # a measured value without "(n=…)" is a single seed
-                if not pub[i] and x.n is None and not x.missing:
+            for x in pair:   # a measured value without ± (and without "(n=…)"): one seed
+                if not pub[i] and x.n is None and not x.missing and not x.std:
                     x.n = 1
-        n_all = _uniform_n([[x.n for x in pair] for i, pair in enumerate(zip(anns, bests))
-                            if not pub[i]])
+        known = [[x.n for x in pair] for i, pair in enumerate(zip(anns, bests)) if not pub[i]]
+        n_known = all(x.n is not None for i, pair in enumerate(zip(anns, bests))
+                      if not pub[i] for x in pair if not x.missing)
+        n_all = _uniform_n(known) if n_known else None
         recs = []
         for i, (_, row) in enumerate(df.iterrows()):
             recs.append({"arch": str(row["Arch"]), "method": _method_text(row["Method"]),
                          "method_tex": tex_escape(_method_text(row["Method"])),
                          "settings": [("" if pub[i] else str(row[s])) for s in set_cols],
                          "n": "" if pub[i] else _n_text([anns[i].n, bests[i].n])})
-        keys = _key_columns(recs, set_cols, with_n=n_all is None)
+        keys = _key_columns(recs, set_cols, with_n=n_all is None and n_known)
         for x in anns + bests:
             x.n = None
         ann = Column("ANN", "S", text_width("ANN"), anns)
@@ -680,7 +685,8 @@ def render_table2_tex(tables: dict[str, pd.DataFrame]) -> str:
                f"the best SNN test accuracy at $T \\leq {LOW_T}$ and the $T$ where it is "
                f"reached, and the smallest $T$ whose mean SNN accuracy is within "
                f"{TOLERANCE:g} point of the ANN mean (-- if none of the evaluated $T$). Mean "
-               f"$\\pm$ sample std over {_seeds_phrase(n_all)}"
+               f"$\\pm$ sample std over "
+               + (_seeds_phrase(n_all) if n_known else "seeds")
                + (" (a value without $\\pm$ is a single seed)" if n_all in (None, 1) else "")
                + ". (paper): from the values published in the NQ paper (its Table 1), below "
                "the rule in each block. "
