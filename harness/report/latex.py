@@ -38,7 +38,7 @@ from .collect import NA, arch_label, dataset_display, setting_label
 from .stats import CONFIDENCE, MIN_N_BOOT, MIN_N_TEST, N_BOOT, Paired, Stat, fmt_p
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .tables import Block, Row
+    from .tables import Block
 
 __all__ = ["PACKAGES", "TEXTWIDTH_PT", "preamble_tex", "render_table1_tex",
            "render_table1_delta_tex", "table1_layout", "delta_layout", "render_table2_tex", "text_width", "si_cell",
@@ -344,10 +344,6 @@ class LatexTable:
             lines.append("}")
         lines.append(r"\end{table}")
         return "\n".join(lines) + "\n"
-
-
-def _brace(col: Column) -> str:
-    return "{" + col.header + "}"
 
 
 def _stack(*parts: str) -> str:

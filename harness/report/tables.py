@@ -24,7 +24,7 @@ from . import protocol
 from .collect import (NA, T_COLUMNS_RE, arch_label, arch_order, is_setting_column,
                       method_order, relevant_methods, setting_label, setting_sort_key)
 from .stats import (CONFIDENCE, MIN_N_BOOT, MIN_N_TEST, N_BOOT, Paired, Stat, fmt_ci, fmt_p,
-                    holm, paired_stats, paired_stats_many, summary)
+                    holm, paired_stats_many, summary)
 
 __all__ = [
     "Stat", "Paired", "Row", "Block", "stat_of", "fmt_stat", "latex_escape",
@@ -296,10 +296,6 @@ def _delta_rows(a_runs: pd.DataFrame, arch: str, settings_cols: list[str],
 
 def _as_tuple(index_value) -> tuple:
     return tuple(index_value) if isinstance(index_value, tuple) else (index_value,)
-
-
-def _seed_of(index_value) -> str:
-    return str(index_value[0] if isinstance(index_value, tuple) else index_value)
 
 
 def _with(p: Paired, **changes) -> Paired:
