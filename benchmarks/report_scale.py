@@ -200,6 +200,20 @@ def build_store(root: Path, n_runs: int, epochs: int) -> tuple[str, dict]:
                  "db_mb": db.stat().st_size / 2**20}
 
 
+def build_store_in_subprocess(root: Path, n_runs: int, epochs: int) -> tuple[str, dict]:
+    """:func:`build_store` in another process: this one stays small, so that the report
+    process it starts does not begin with its memory (a fork's RSS counts in the
+    child's peak RSS until exec)."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
+            "from benchmarks.report_scale import build_store; from pathlib import Path; "
+            "print(json.dumps(build_store(Path(sys.argv[2]), int(sys.argv[3]), "
+            "int(sys.argv[4]))))")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(root), str(n_runs),
+                           str(epochs)], capture_output=True, text=True, check=True)
+    uri, facts = json.loads(proc.stdout.strip().splitlines()[-1])
+    return uri, facts
+
+
 _CHILD = r"""
 import json, os, sys, time, types
 t0 = time.perf_counter()
@@ -283,7 +297,7 @@ def run(quick: bool = False, threads: int = 2, runs: int | None = None,
     extra = ["--per-trial"] if per_trial else []
     try:
         t0 = time.perf_counter()
-        uri, facts = build_store(tmp / "store", spec["runs"], spec["epochs"])
+        uri, facts = build_store_in_subprocess(tmp / "store", spec["runs"], spec["epochs"])
         t_build = time.perf_counter() - t0
         load0 = os.getloadavg()
         results = {"as shipped": run_report(uri, tmp / "report", src_dir, extra),
