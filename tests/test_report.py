@@ -14,8 +14,9 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from harness.report import tables  # noqa: E402
+from harness.report import latex, tables  # noqa: E402
 from harness.report.cli import main  # noqa: E402
+from test_report_latex import check_tabular, needs_tex, top_tabulars  # noqa: E402
 
 EXP = "toy_sweep"
 ABL = "toy_ablation"
@@ -144,7 +145,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(store, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "toy"
-    rc = main(["--experiment", EXP, "--tracking-uri", store, "--out", str(out)])
+    rc = main(["--experiment", EXP, "--tracking-uri", store, "--out", str(out), "--per-trial"])
     assert rc == 0
     return out
 
@@ -208,23 +209,11 @@ def test_table1_md_values_bold_and_delta(report):
 
 def _tabulars(tex: str) -> list[str]:
     assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") >= 1
-    return re.findall(r"\\begin\{tabular\}.*?\\end\{tabular\}", tex, flags=re.S)
+    return top_tabulars(tex)
 
 
 def _check_tabular(tab: str) -> int:
-    spec = re.match(r"\\begin\{tabular\}\{([^}]*)\}", tab).group(1)
-    ncols = len(re.findall(r"[lrc]", spec))
-    for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
-        assert rule in tab
-    n_rows = 0
-    for line in tab.splitlines()[1:-1]:
-        line = line.strip()
-        if not line or line.startswith("\\") and line.rstrip("}").endswith("rule"):
-            continue
-        assert line.endswith(r"\\"), line
-        assert len(re.split(r"(?<!\\)&", line)) == ncols, line
-        n_rows += 1
-    return n_rows
+    return check_tabular(tab)
 
 
 def test_table1_tex_is_a_booktabs_table(report):
@@ -232,15 +221,29 @@ def test_table1_tex_is_a_booktabs_table(report):
     tabs = _tabulars(tex)
     assert len(tabs) == 1                       # one dataset
     n = _check_tabular(tabs[0])
-    # header + (2 measured + Δ + its "p (paired t)" row) x 2 archs + 2 published x 2 archs
-    assert n == 1 + 2 * 4 + 2 * 2
-    assert r"\textbf{90.50 $\pm$ 0.71}" in tex
+    # ANN and T = 1 … 8 do not fit \textwidth side by side: two panels (ANN, T=1, T=2 |
+    # T=4, T=8), each: header + (2 measured + 2 published) x 2 archs; Δ rows: table1_delta
+    assert n == 2 * (1 + 2 * 2 + 2 * 2)
+    assert r"\bfseries 90.50 \pm 0.71" in tex
     assert "±" not in tex and "Δ" not in tex and "−" not in tex
-    assert r"$\Delta$ NQ $-$ QCFS" in tex
-    assert r"$-$1.25 $\pm$ 0.35" in tex
-    assert r"\textbf{91.77}" not in tex
+    assert r"\bfseries 91.77" not in tex
+    delta = (report / "table1_delta.tex").read_text()
+    (dtab,) = _tabulars(delta)
+    assert _check_tabular(dtab) == 1 + 2 * 5          # header + 5 columns x 2 archs
+    assert r"NQ $-$ QCFS" in delta and r"{$\Delta$}" in dtab
+    assert r"-1.25 \pm 0.35" in dtab and "n too small" in dtab
     for t in _tabulars((report / "table2.tex").read_text()):
         _check_tabular(t)
+    assert (report / "preamble.tex").read_text() == latex.preamble_tex()
+
+
+@needs_tex
+def test_report_tex_compiles(report, stats_report):
+    for out in (report, stats_report):
+        pre = (out / "preamble.tex").read_text()
+        for name in ("table1.tex", "table1_delta.tex", "table2.tex"):
+            res = latex.compile_table((out / name).read_text(), pre)
+            assert res.ok, (out.name, name, res.errors, res.overfull)
 
 
 def test_table2_md(report):
@@ -267,6 +270,9 @@ def test_figures_and_index(report):
         assert len(got) == count, (prefix, sorted(got))   # heatmaps: NQ only (QCFS δ ≡ 0)
     pngs = [p for p in report.iterdir() if p.suffix == ".png"]
     assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    for p in pngs:                                 # every figure also as PDF
+        pdf = p.with_suffix(".pdf")
+        assert pdf.read_bytes()[:5] == b"%PDF-", p.name
     assert "ablation_delta.png" not in names
     index = (report / "index.md").read_text()
     for p in pngs:
@@ -277,6 +283,45 @@ def test_figures_and_index(report):
     assert "2x test CPU" in index and f"`{EXP}`" in index
     assert "Epochs: 3" in index and "TEST set" not in index
     assert "8 finished trial runs" in index
+
+
+def test_default_figures_are_per_group(store, tmp_path):
+    out = tmp_path / "default"
+    assert main(["--experiment", EXP, "--tracking-uri", store, "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir() if p.suffix == ".png")
+    # no per-trial figure without --per-trial: one figure per dataset (or for all of them)
+    assert names == ["acc_vs_T_cifar10.png", "delta_heatmaps_cifar10.png", "epoch_time.png",
+                     "residual_overlay_cifar10.png", "selection_cifar10.png"]
+    assert all((out / n).with_suffix(".pdf").exists() for n in names)
+    index = (out / "index.md").read_text()
+    assert "`harness report --per-trial`" in index and "curves_" not in index
+    for n in names:
+        assert f"[{n}]({n}) ([PDF]({n[:-4]}.pdf))" in index
+    assert "epoch 1 is left out" in index and "QCFS only measures the residual" in index
+    assert "ANN validation accuracy (`ann/val_acc`) would have selected" in index
+
+
+def test_figure_data_epoch_time_and_selection(stats_store):
+    import importlib
+
+    from harness.report import figures
+
+    collect_mod = importlib.import_module("harness.report.collect")   # not the function
+    uri, _, _ = stats_store
+    col = collect_mod.collect(STATS, uri)
+    et = figures.epoch_time_table(col.runs, col.histories)
+    # epochs 2 and 3 only (epoch 1 is the warm-up): train 9 s, calib 2 s (NQ) / 0 (QCFS)
+    assert set(et["n_epochs"]) == {N_EPOCHS - 1}
+    assert (et["train"] == 9.0).all() and (et["eval"] == 1.0).all()
+    assert set(et.loc[et["method"] == "NQ", "calib"]) == {2.0}
+    assert set(et.loc[et["method"] == "QCFS", "calib"]) == {0.0}
+    sel = figures.selection_table(col.runs, col.histories)
+    # ann/val_acc rises every epoch: the ANN criterion picks the last epoch, as the SNN one
+    assert (sel["epoch_ann"] == N_EPOCHS).all() and (sel["epoch_snn"] == 3).all()
+    # selection on test (this sweep): the per-epoch SNN test accuracy is logged, so the
+    # SNN test accuracy of the ANN-selected epoch is known
+    assert sel["snn_test_at_ann"].notna().all()
+    assert set(sel["sel_key"]) == {"snn/test_acc_T04"}
 
 
 def test_ablation_delta(store, tmp_path):
@@ -370,7 +415,9 @@ def test_table1_on_frame_varying_L_and_single_seed():
         ("", "↳ p (paired t)", "", "n too small", "n too small"),
     ]
     tex = tables.render_table1_tex(blocks)
-    assert _check_tabular(_tabulars(tex)[0]) == 9     # header + 6 rows + 2 "p" rows
+    assert _check_tabular(_tabulars(tex)[0]) == 5     # header + 4 measured rows
+    delta = tables.render_table1_delta_tex(blocks)    # 2 Δ rows (L = 4, 8) x 2 columns
+    assert _check_tabular(_tabulars(delta)[0]) == 1 + 2 * 2
 
 
 # ============================================================ paired statistics, grouping,
@@ -501,11 +548,25 @@ def test_paired_statistics_in_table1(stats_report):
     assert by_label["NQ"]["ANN (noise on)"] == "82.00 ± 1.58 (n=5)"
     assert by_label["QCFS"]["ANN (noise on)"] == "—"
     assert "†" in md and "CI excludes 0" in md
-    # LaTeX: dagger and the statistics rows, still a well-formed booktabs table
+    # LaTeX: the measured and published rows in table1.tex (two panels: ANN, ANN (noise
+    # on), T=1 | T=2, T=4, T=8); the Δ row with its statistics in table1_delta.tex, one
+    # row per column
     tex = (stats_report / "table1.tex").read_text()
     (tab,) = _tabulars(tex)
-    assert _check_tabular(tab) == 1 + 3 + 4 + 2      # header, 2 measured + Δ, 4 stats, 2 pub
-    assert r"$^\dagger$" in tab and r"\quad $p$ (paired $t$)" in tab and "↳" not in tex
+    assert _check_tabular(tab) == 2 * (1 + 2 + 2)     # header, 2 measured, 2 published
+    dtex = (stats_report / "table1_delta.tex").read_text()
+    (dtab,) = _tabulars(dtex)
+    assert _check_tabular(dtab) == 1 + 5              # header; ANN, T = 1, 2, 4, 8
+    rows = {ln.split(" & ")[1]: ln for ln in dtab.splitlines() if ln.count(" & ") > 3
+            and not ln.startswith("Arch")}
+    for col in ("ANN", "T=1", "T=2", "T=4"):
+        res, nq, q = _expected(col)
+        lo, hi = res.confidence_interval(0.95)
+        line = rows["ANN" if col == "ANN" else f"$T={col[2:]}$"]
+        assert latex.tex_escape(f"[{lo:+.2f}, {hi:+.2f}]".replace("-", "−")) in line
+        assert latex.tex_escape(tables.fmt_p(res.pvalue)) in line
+        assert (r"$^\dagger$" in line) == (lo > 0 or hi < 0)
+    assert "zero spread" in rows["$T=8$"] and "↳" not in dtex and "↳" not in tex
 
 
 def test_newest_parent_by_default_and_status(stats_store, stats_report):
@@ -665,7 +726,7 @@ def test_protocol_differences_labelled(stats_report):
                      "accuracy in the “ANN (noise on)” column of Table 1)"):
             assert part in line, (name, part)
         assert "checkpoint selected" not in line      # selected on test, as in the paper
-    for name in ("table1.tex", "table2.tex"):
+    for name in ("table1.tex", "table1_delta.tex", "table2.tex"):
         tex = (stats_report / name).read_text()
         for tab in _tabulars(tex):
             _check_tabular(tab)

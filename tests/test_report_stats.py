@@ -92,3 +92,27 @@ def test_summary_and_formatting():
     assert stats.fmt_p(0.00283) == "0.003" and stats.fmt_p(0.0004) == "< 0.001"
     assert stats.fmt_p(None, "n too small") == "n too small"
     assert stats.fmt_ci((0.7001, 2.4599)) == "[+0.70, +2.46]"
+
+
+def test_paired_stats_many_equals_one_by_one():
+    rng = np.random.default_rng(3)
+    x = rng.normal(80, 2, size=(7, 6))
+    y = x - rng.normal(1, 1, size=(7, 6))
+    x[2, 1] = np.nan                        # a row with other pairs
+    y[3] = x[3] - 0.5                       # zero spread
+    x[4, 3:] = np.nan                       # 3 pairs: no bootstrap
+    x[5, 2:] = np.nan                       # 2 pairs: n too small
+    many = stats.paired_stats_many(x, y)
+    for i in range(x.shape[0]):
+        one = stats.paired_stats(x[i], y[i])
+        got = many[i]
+        assert (got.n, got.note, got.diffs) == (one.n, one.note, one.diffs)
+        for f in ("mean", "std", "p", "t", "df"):
+            a, b = getattr(got, f), getattr(one, f)
+            assert (a is None and b is None) or a == pytest.approx(b, rel=1e-12, nan_ok=True)
+        for f in ("ci_t", "ci_boot"):
+            a, b = getattr(got, f), getattr(one, f)
+            assert (a is None and b is None) or a == pytest.approx(b, rel=1e-10)
+    assert many[0].ci_boot is not None and many[4].ci_boot is None
+    assert many[3].note == "zero spread" and many[5].note == "n too small"
+    assert stats.paired_stats_many(np.full((1, 3), np.nan), np.ones((1, 3))) == [None]

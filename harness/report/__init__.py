@@ -4,6 +4,8 @@
 - :mod:`.stats`    per-cell summaries, paired NQ − QCFS tests (scipy.stats), Holm
 - :mod:`.protocol` protocol choices of the runs next to the paper's
 - :mod:`.tables`   pure functions: frames -> Table 1 / Table 2 (markdown, LaTeX)
+- :mod:`.latex`    LaTeX layout that fits a 10-pt article (booktabs, multirow, siunitx),
+  ``preamble.tex``, and a pdflatex compile check
 - :mod:`.figures`  matplotlib figures (Agg)
 - :mod:`.cli`      ``main(argv)`` for the ``harness report`` subcommand
 """

@@ -9,8 +9,9 @@ import warnings
 from pathlib import Path
 
 from . import protocol, tables
-from .collect import (EXCLUDED_PARAMS, NA, Collected, ReportError, arch_label, collect,
-                      default_tracking_uri, setting_label, setting_sort_key)
+from .collect import (EXCLUDED_PARAMS, NA, Collected, ReportError, arch_label, arch_order,
+                      collect, dataset_display, default_tracking_uri, setting_label,
+                      setting_sort_key)
 
 FORMATS = ("md", "tex", "png")
 
@@ -18,16 +19,23 @@ FORMATS = ("md", "tex", "png")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="harness report",
-        description="Tables (md/tex) and figures (png) for one MLflow experiment (sweep).")
+        description="Tables (Markdown, LaTeX) and figures (PNG and PDF) for one MLflow "
+                    "experiment (sweep).")
     p.add_argument("--experiment", required=True, help="MLflow experiment (= sweep) name")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--out", default=None, help="output folder (default: reports/<experiment>/)")
     p.add_argument("--format", default="md,tex,png",
-                   help="comma-separated subset of md,tex,png (default: all)")
+                   help="comma-separated subset of md,tex,png (default: all); png writes "
+                        "every figure as PNG and as PDF; tex writes table1.tex, "
+                        "table1_delta.tex, table2.tex and preamble.tex")
     p.add_argument("--parent", default=None, metavar="RUN_ID",
                    help="report the trials of this parent run (default: the newest parent "
                         "run of the experiment)")
+    p.add_argument("--per-trial", action="store_true",
+                   help="also write the per-trial figures (training curves, δ heatmap and "
+                        "residual histograms of every trial); by default the figures show "
+                        "one panel per architecture and method, whatever the number of trials")
     return p
 
 
@@ -129,10 +137,13 @@ def not_finished_lines(col: Collected) -> list[str]:
         return []
     bad = trials[trials["status"] != "FINISHED"]
     lines = []
+    varying: dict[str, list[str]] = {}
     for _, t in bad.iterrows():
         ds_runs = col.runs[col.runs["dataset"] == t["dataset"]]
+        if t["dataset"] not in varying:
+            varying[t["dataset"]] = tables.varying_settings(ds_runs)
         keys = ["dataset", "arch", "method"] + [
-            s for s in tables.varying_settings(ds_runs) if s in trials.columns]
+            s for s in varying[t["dataset"]] if s in trials.columns]
         same = lambda f: (f[keys] == t[keys]).all(axis=1)  # noqa: E731
         n_done = int(same(col.runs[keys]).sum()) if not col.runs.empty else 0
         n_all = int(same(trials[keys]).sum())
@@ -146,8 +157,10 @@ def not_finished_lines(col: Collected) -> list[str]:
 
 
 # ------------------------------------------------------------------ the report
-def write_report(col: Collected, out: Path, fmts: set[str]) -> dict[str, list[Path]]:
-    """Write tables, figures and index.md; returns {"tables": [...], "figures": [...]}."""
+def write_report(col: Collected, out: Path, fmts: set[str],
+                 per_trial: bool = False) -> dict[str, list[Path]]:
+    """Write tables, figures and index.md; returns {"tables": [...], "figures": [...]}
+    (figures: the PNG files; each has a PDF twin)."""
     out.mkdir(parents=True, exist_ok=True)
     runs = col.runs
     published = tables.load_published()
@@ -165,15 +178,20 @@ def write_report(col: Collected, out: Path, fmts: set[str]) -> dict[str, list[Pa
         _write("table1.md", tables.render_table1_md(blocks))
         _write("table2.md", tables.render_table2_md(t2_md, tables.load_published_table2()))
     if "tex" in fmts:
+        from . import latex
+        _write("preamble.tex", latex.preamble_tex())
         _write("table1.tex", tables.render_table1_tex(blocks))
+        delta_tex = tables.render_table1_delta_tex(blocks)
+        if delta_tex is not None:
+            _write("table1_delta.tex", delta_tex)
         _write("table2.tex", tables.render_table2_tex(t2_md))
     if "png" in fmts:
-        written["figures"] = _write_figures(col, out)
+        written["figures"] = _write_figures(col, out, per_trial)
     (out / "index.md").write_text(_index_md(col, out, written, table1_md, blocks))
     return written
 
 
-def _write_figures(col: Collected, out: Path) -> list[Path]:
+def _write_figures(col: Collected, out: Path, per_trial: bool = False) -> list[Path]:
     from . import figures
     from .collect import sanitize
 
@@ -183,34 +201,78 @@ def _write_figures(col: Collected, out: Path) -> list[Path]:
     clash = keys.duplicated(keep=False)
     for ds, key in keys.items():
         stem = sanitize(ds).lower() if clash[ds] else sanitize(key)
-        paths.append(figures.acc_vs_T(runs[runs["dataset"] == ds], out / f"acc_vs_T_{stem}.png"))
+        ds_runs = runs[runs["dataset"] == ds]
+        paths.append(figures.acc_vs_T(ds_runs, out / f"acc_vs_T_{stem}.png"))
+        paths.append(figures.selection(ds_runs, col.histories, out / f"selection_{stem}.png"))
+        paths.append(figures.delta_heatmaps(ds_runs, col.histories,
+                                            out / f"delta_heatmaps_{stem}.png"))
+        nq_res = [v for v in ds_runs.loc[ds_runs["method"] == "NQ", "residual"]
+                  if v != NA] if "residual" in ds_runs.columns else []
+        residual = max(set(nq_res), key=nq_res.count) if nq_res else None
+        datas = {}
+        for arch in sorted(ds_runs["arch"].unique(), key=arch_order):
+            sub = ds_runs[ds_runs["arch"] == arch]
+            datas[arch] = {m: [d for rid in sub.loc[sub["method"] == m, "run_id"]
+                               if (d := col.residual_hist(rid))]
+                           for m in figures.OVERLAY_METHODS}
+        paths.append(figures.residual_overlay(datas, dataset_display(key, ds),
+                                              out / f"residual_overlay_{stem}.png",
+                                              residual=residual))
     paths.append(figures.epoch_time(runs, col.histories, out / "epoch_time.png"))
     paths.append(figures.ablation(runs[runs["method"] == "NQ-fixed"], "delta",
                                   out / "ablation_delta.png", "fixed noise δ (all layers)"))
     paths.append(figures.ablation(runs[runs["method"] == "NQ"], "tau",
                                   out / "ablation_tau.png", "calibration time steps τ",
                                   log_x=True))
-    for _, r in runs.iterrows():
-        hist = col.histories.get(r["run_id"])
-        name = r["trial_file"]
-        title = f"{r['trial']} ({r['method']})"
-        paths.append(figures.training_curves(hist, r["best_epoch"], title,
-                                             out / f"curves_{name}.png", r["select_T"],
-                                             r["select_on"]))
-        paths.append(figures.delta_heatmap(hist, title, out / f"delta_heatmap_{name}.png"))
-        data = col.residual_hist(r["run_id"])
-        if data:
-            paths.append(figures.residual_hist(data, r["trial"], out / f"residual_hist_{name}.png"))
+    if per_trial:
+        for _, r in runs.iterrows():
+            hist = col.histories.get(r["run_id"])
+            name = r["trial_file"]
+            title = f"{r['trial']} ({r['method']})"
+            paths.append(figures.training_curves(hist, r["best_epoch"], title,
+                                                 out / f"curves_{name}.png", r["select_T"],
+                                                 r["select_on"]))
+            paths.append(figures.delta_heatmap(hist, title, out / f"delta_heatmap_{name}.png"))
+            data = col.residual_hist(r["run_id"])
+            if data:
+                paths.append(figures.residual_hist(data, r["trial"],
+                                                   out / f"residual_hist_{name}.png"))
     return [p for p in paths if p is not None]
 
 
+# (file name prefix, heading, shown inline, what it shows)
 _FIG_SECTIONS = [
-    ("acc_vs_T_", "Accuracy vs. time steps"),
-    ("epoch_time", "Training time per epoch (Fig. 6)"),
-    ("ablation_", "Ablations (Fig. 4 / Fig. 7)"),
-    ("curves_", "Training curves (checkpoint selection, Fig. 5)"),
-    ("delta_heatmap_", "Layer-wise noise δ_trained over epochs"),
-    ("residual_hist_", "Residual-error histograms (Fig. 2)"),
+    ("acc_vs_T_", "Accuracy vs. time steps", True, ""),
+    ("selection_", "Checkpoint selection (Fig. 5)", True,
+     "One panel per architecture and method, QCFS and NQ (the runs' seeds and any "
+     "varying settings pooled, as the panel title says). Lines: mean over the runs, per epoch, of the ANN "
+     "test accuracy and of the per-epoch SNN accuracy the harness selects on "
+     "(`snn/<split>_acc_T<select_T>`). Markers under the curves: per run, the epoch the "
+     "SNN criterion selected (`final/best_epoch`, ▲) and the epoch the best ANN "
+     "validation accuracy (`ann/val_acc`) would have selected (▼). Box: the final SNN "
+     "test accuracy at `select_T` of the SNN-selected checkpoints (mean ± std over the "
+     "runs), and in how many runs the ANN criterion picks the same epoch. The SNN test "
+     "accuracy of an ANN-selected checkpoint is known only where the per-epoch SNN test "
+     "accuracy was logged (selection on the test split) or where both criteria pick the "
+     "same epoch; it is shown only then."),
+    ("epoch_time", "Training time per epoch (Fig. 6)", True,
+     "Median of epochs 2 … E of each run, then the median over the runs of the bar "
+     "(seeds and settings); epoch 1 is left out because it includes compilation and "
+     "other warm-up, and its total is printed under each bar. Calibration is what each "
+     "method does after an epoch: NQ measures the residual and sets δ for the next "
+     "epoch; QCFS only measures the residual (for the residual figures), it uses no δ; "
+     "NQ-fixed does none."),
+    ("ablation_", "Ablations (Fig. 4 / Fig. 7)", True, ""),
+    ("residual_overlay_", "Residual-error histograms, QCFS and NQ overlaid (Fig. 2)", True,
+     "One row per architecture; per layer (at most 5 per row, evenly spaced from the "
+     "first to the last), the histogram of the residual in units of λ of all QCFS runs "
+     "and of all NQ runs of the architecture, counts summed over the runs (seeds and "
+     "settings), as a density per unit of residual/λ (log scale); σ: standard deviation "
+     "of the pooled histogram."),
+    ("delta_heatmaps_", "Layer-wise noise δ over epochs (mean over the NQ runs)", True, ""),
+    ("curves_", "Per trial: training curves", False, ""),
+    ("delta_heatmap_", "Per trial: layer-wise noise δ_trained over epochs", False, ""),
+    ("residual_hist_", "Per trial: residual-error histograms", False, ""),
 ]
 
 
@@ -229,6 +291,12 @@ def _index_md(col: Collected, out: Path, written: dict[str, list[Path]], table1_
     if written["tables"]:
         lines += ["## Tables", ""]
         lines += [f"- [{p.name}]({p.name})" for p in written["tables"]] + [""]
+        if any(p.suffix == ".tex" for p in written["tables"]):
+            lines += ["LaTeX: `\\input{preamble.tex}` in the paper's preamble (booktabs, "
+                      "multirow, siunitx 3, graphicx), then `\\input{table1.tex}` where the "
+                      "table goes. Each table fits the text width of a 10-pt `article` "
+                      "(wide tables are split into stacked panels); the NQ − QCFS rows with "
+                      "their CIs and p-values are in `table1_delta.tex`.", ""]
     lines += ["## Table 1", "", table1_md.strip(), ""]
     findings = tables.delta_findings(blocks or [])
     n_sig = sum(1 for b in blocks or [] for r in b.rows if r.kind == "delta"
@@ -253,15 +321,24 @@ def _index_md(col: Collected, out: Path, written: dict[str, list[Path]], table1_
                       "in Table 1 is significant at 95%._"]
         lines += [""]
     if written["figures"]:
-        lines += ["## Figures", ""]
+        lines += ["## Figures", "",
+                  "Every figure is written as PNG and as PDF (same name, `.pdf`)."
+                  + ("" if any(p.name.startswith("curves_") for p in written["figures"]) else
+                     " Per-trial figures (training curves, δ heatmaps and residual "
+                     "histograms of every trial): `harness report --per-trial`."), ""]
         figs = sorted(written["figures"], key=lambda p: p.name)
-        for prefix, heading in _FIG_SECTIONS:
+        for prefix, heading, inline, what in _FIG_SECTIONS:
             sel = [p for p in figs if p.name.startswith(prefix)]
             if not sel:
                 continue
             lines += [f"### {heading}", ""]
-            lines += [f"- [{p.name}]({p.name})" for p in sel] + [""]
-            if prefix in ("acc_vs_T_", "epoch_time", "ablation_"):
+            if what:
+                lines += [what, ""]
+            lines += [f"- [{p.name}]({p.name})"
+                      + (f" ([PDF]({p.with_suffix('.pdf').name}))"
+                         if (out / p.with_suffix(".pdf").name).exists() else "")
+                      for p in sel] + [""]
+            if inline:
                 lines += [f"![{p.stem}]({p.name})" for p in sel] + [""]
     if blocks:
         lines += ["## Appendix: per-seed values", "",
@@ -287,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             col = collect(args.experiment, uri, parent=args.parent)
-            write_report(col, out, fmts)
+            write_report(col, out, fmts, per_trial=args.per_trial)
     except ReportError as exc:
         print(f"report error: {exc}", file=sys.stderr)
         return 2

@@ -1,9 +1,13 @@
 """MLflow store -> tidy pandas frames.
 
 One row per FINISHED child ("trial") run of an experiment, with the
-parameters that matter for the report parsed into plain columns, plus
-per-run metric histories and lazily downloaded ``residual_hist.json``
-artifacts.
+parameters that matter for the report parsed into plain columns, plus the
+per-epoch metric histories (:class:`Histories`) and the ``residual_hist.json``
+artifacts, read on demand (from disk when the artifact store is local).
+
+A sqlite store is read in bulk with the standard library's sqlite3 (a handful
+of queries, mlflow not imported: :class:`_SqliteStore`); any other store through
+the MLflow client, one request per run and metric.
 """
 from __future__ import annotations
 
@@ -11,11 +15,14 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import pandas as pd
 
 __all__ = [
@@ -23,7 +30,7 @@ __all__ = [
     "SETTING_LABELS", "T_COLUMNS_RE", "dataset_key", "dataset_label", "arch_label",
     "sanitize", "method_order", "arch_order", "EXCLUDED_PARAMS", "KEY_PARAMS",
     "relevant_methods", "setting_label", "is_setting_column", "tidy_runs", "parent_table",
-    "select_parent", "FINAL_METRICS",
+    "select_parent", "FINAL_METRICS", "dataset_display", "Histories",
 ]
 
 log = logging.getLogger(__name__)
@@ -143,14 +150,25 @@ def dataset_key(name: str | None, root: str | None) -> str:
     return name or "unknown"
 
 
+_IMAGEFOLDER = " (imagefolder)"
+
+
 def dataset_label(name: str | None, root: str | None, tag: str | None = None) -> str:
     if tag is not None and isinstance(tag, str) and tag.strip():
         return tag.strip()
     key = dataset_key(name, root)
     label = _DATASET_LABELS.get(key, key)
     if (name or "").lower() == "imagefolder" and key in ("cifar10", "cifar100"):
-        label += " (imagefolder)"
+        label += _IMAGEFOLDER
     return label
+
+
+def dataset_display(key: str, label: str | None = None) -> str:
+    """The data set's name for captions: the label without the source suffix that
+    :func:`dataset_label` adds ("CIFAR-10 (imagefolder)" -> "CIFAR-10")."""
+    if label:
+        return label[:-len(_IMAGEFOLDER)] if label.endswith(_IMAGEFOLDER) else label
+    return _DATASET_LABELS.get(key, str(key))
 
 
 def default_tracking_uri(cwd: str | os.PathLike | None = None) -> str:
@@ -202,11 +220,12 @@ class Collected:
     runs: pd.DataFrame                      # tidy: one row per FINISHED trial of the parent
     parents: pd.DataFrame                   # parent runs (raw search_runs columns)
     n_child_total: int                      # trial runs of the selected parent, any status
-    histories: dict[str, pd.DataFrame] = field(default_factory=dict)  # run_id -> per-epoch
+    histories: Mapping[str, pd.DataFrame] = field(default_factory=dict)  # run_id -> per-epoch
     trials: pd.DataFrame | None = None      # tidy: every trial of the parent, with "status"
     parent_id: str | None = None            # the reported parent run
     parent_ids: list[str] = field(default_factory=list)   # all parent runs, newest first
     parent_given: bool = False              # selected with --parent (else: the newest)
+    artifact_uris: dict[str, str] = field(default_factory=dict)   # run_id -> artifact URI
     _hist_cache: dict[str, dict | None] = field(default_factory=dict, repr=False)
 
     @property
@@ -234,9 +253,36 @@ class Collected:
     def residual_hist(self, run_id: str) -> dict | None:
         """Parsed residual_hist.json of a run, or None if it has none."""
         if run_id not in self._hist_cache:
-            self._hist_cache[run_id] = _download_json(self.tracking_uri, run_id,
-                                                      "residual_hist.json")
+            local = _local_artifact(self.artifact_uris.get(run_id), "residual_hist.json")
+            self._hist_cache[run_id] = (_read_json(local) if local is not None else
+                                        _download_json(self.tracking_uri, run_id,
+                                                       "residual_hist.json"))
         return self._hist_cache[run_id]
+
+
+def _local_artifact(artifact_uri: str | None, name: str) -> Path | None:
+    """The file of an artifact in a local artifact store (``file:`` URI or a path), or
+    None when the store is not local (then it is downloaded through MLflow)."""
+    if not artifact_uri:
+        return None
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        from urllib.request import url2pathname
+        base = Path(url2pathname(parsed.path))
+    elif parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        base = Path(artifact_uri)
+    else:
+        return None
+    return base / name
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        log.debug("no %s: %s", path, exc)
+        return None
 
 
 def _download_json(tracking_uri: str, run_id: str, artifact_path: str) -> dict | None:
@@ -334,38 +380,252 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
     dup = pd.Series(safe).duplicated(keep=False).to_numpy()
     out["trial_file"] = [f"{s}_{rid[:8]}" if d else s
                          for s, d, rid in zip(safe, dup, out["run_id"])]
+    ds, arch, meth, seed, trial = (out[c].tolist() for c in
+                                   ("dataset", "arch", "method", "seed", "trial"))
+    setting_vals = [out[s].tolist() for s in setting_cols]
     order = sorted(range(len(out)), key=lambda i: (
-        out["dataset"].iat[i], arch_order(out["arch"].iat[i]), method_order(out["method"].iat[i]),
-        tuple(setting_sort_key(out[s].iat[i]) for s in setting_cols),
-        setting_sort_key(out["seed"].iat[i]), out["trial"].iat[i]))
+        ds[i], arch_order(arch[i]), method_order(meth[i]),
+        tuple(setting_sort_key(v[i]) for v in setting_vals),
+        setting_sort_key(seed[i]), trial[i]))
     out = out.iloc[order].reset_index(drop=True)
     return out
 
 
+# The per-epoch metrics the report reads (its figures use no others): ANN and SNN
+# accuracy, the δ each layer was trained with, and the epoch times.  train/*,
+# delta_next/* and residual/* are logged but not read.
 _HISTORY_KEYS = re.compile(
-    r"^(train/(loss|acc|lr)|ann/(val_acc|test_acc|noisy_test_acc)|snn/(val|test)_acc_T\d+|"
-    r"delta(_next)?/l\d+_.+|residual/(mean|std)/l\d+_.+|time/(epoch|train|calib|eval)_s)$")
+    r"^(ann/(val_acc|test_acc|noisy_test_acc)|snn/(val|test)_acc_T\d+|"
+    r"delta/l\d+_.+|time/(epoch|train|calib|eval)_s)$")
+_HISTORY_PREFIXES = ("ann/", "snn/", "delta/", "time/")
 
 
-def _histories(client, raw: pd.DataFrame, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+class Histories(Mapping):
+    """Per-epoch metrics of the reported runs: run id -> frame indexed by epoch (step),
+    one column per metric key.  Held as one long frame (:attr:`long`: run_id, key,
+    step, value; categorical run_id and key) and pivoted per run only when a run is
+    looked up, so that figures over many runs can work on :attr:`long` directly."""
+
+    def __init__(self, long: pd.DataFrame | None = None, run_ids: list[str] | None = None):
+        if long is None:
+            long = pd.DataFrame({"run_id": pd.Categorical([]), "key": pd.Categorical([]),
+                                 "step": np.zeros(0, dtype="int64"),
+                                 "value": np.zeros(0, dtype=float)})
+        self.long = long.reset_index(drop=True)
+        self._ids = list(dict.fromkeys([*(run_ids or []), *map(str, self.long["run_id"]
+                                                                .cat.categories)]))
+        codes = self.long["run_id"].cat.codes.to_numpy()
+        cats = list(self.long["run_id"].cat.categories)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(cats) + 1))
+        self._rows = {str(c): order[bounds[i]:bounds[i + 1]] for i, c in enumerate(cats)}
+        self._cache: dict[str, pd.DataFrame] = {}
+
+    def __getitem__(self, run_id: str) -> pd.DataFrame:
+        run_id = str(run_id)
+        if run_id not in self._ids:
+            raise KeyError(run_id)
+        if run_id not in self._cache:
+            rows = self.long.iloc[self._rows.get(run_id, np.zeros(0, dtype=int))]
+            if rows.empty:
+                df = pd.DataFrame(index=pd.Index([], name="epoch", dtype="int64"))
+            else:
+                df = pd.DataFrame({"step": rows["step"].to_numpy(),
+                                   "key": rows["key"].astype(str).to_numpy(),
+                                   "value": rows["value"].to_numpy()}) \
+                    .pivot(index="step", columns="key", values="value").sort_index()
+                df.columns.name = None
+                df.index = df.index.astype("int64")
+                df.index.name = "epoch"
+            self._cache[run_id] = df
+        return self._cache[run_id]
+
+    def __iter__(self):
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def keys_like(self, pattern: str) -> list[str]:
+        """The metric keys (over all runs) that match a regular expression."""
+        rx = re.compile(pattern)
+        return [k for k in self.long["key"].cat.categories if rx.match(str(k))]
+
+    def select(self, keys) -> pd.DataFrame:
+        """Rows of the long frame with these keys (run_id and key as plain strings)."""
+        sub = self.long[self.long["key"].isin(list(keys))]
+
+        def strings(col: str) -> np.ndarray:   # categories picked by code: no str() per row
+            cats = np.asarray([str(c) for c in sub[col].cat.categories], dtype=object)
+            return cats[sub[col].cat.codes.to_numpy()]
+
+        return pd.DataFrame({"run_id": strings("run_id"), "key": strings("key"),
+                             "step": sub["step"].to_numpy(), "value": sub["value"].to_numpy()})
+
+    @classmethod
+    def from_records(cls, run_codes: np.ndarray, run_ids: list[str], key_codes: np.ndarray,
+                     keys: list[str], steps: np.ndarray, timestamps: np.ndarray,
+                     values: np.ndarray) -> "Histories":
+        """From parallel arrays (codes into ``run_ids`` and ``keys``); of several values
+        at one (run, key, step) the one logged last (largest timestamp) is kept, as the
+        client API's order gives."""
+        order = np.lexsort((timestamps, steps, key_codes, run_codes))
+        rc, kc, st, va = (run_codes[order], key_codes[order], steps[order], values[order])
+        last = np.ones(len(rc), dtype=bool)
+        if len(rc) > 1:
+            same = (rc[1:] == rc[:-1]) & (kc[1:] == kc[:-1]) & (st[1:] == st[:-1])
+            last[:-1] = ~same
+        long = pd.DataFrame({
+            "run_id": pd.Categorical.from_codes(rc[last], categories=run_ids),
+            "key": pd.Categorical.from_codes(kc[last], categories=keys),
+            "step": st[last].astype("int64"), "value": va[last].astype(float)})
+        # keep only the keys that occur (a categorical with unused keys pivots wider)
+        long["key"] = long["key"].cat.remove_unused_categories()
+        return cls(long, run_ids)
+
+
+def _histories(client, raw: pd.DataFrame, runs: pd.DataFrame) -> Histories:
+    """Metric histories through the client API: one request per run and key (any
+    tracking store; the fallback of :meth:`_SqliteStore.histories`)."""
     metric_cols = [c for c in raw.columns if c.startswith("metrics.")]
     by_id = raw.set_index(raw["run_id"].astype(str))
-    out: dict[str, pd.DataFrame] = {}
-    for rid in runs["run_id"]:
+    run_ids = [str(r) for r in runs["run_id"]]
+    keys: dict[str, int] = {}
+    rc, kc, st, ts, va = [], [], [], [], []
+    for i, rid in enumerate(run_ids):
         row = by_id.loc[rid]
-        keys = [c.removeprefix("metrics.") for c in metric_cols
-                if pd.notna(row[c]) and _HISTORY_KEYS.match(c.removeprefix("metrics."))]
-        series = {}
-        for key in keys:
-            hist = client.get_metric_history(rid, key)
-            if hist:
-                s = pd.Series({int(m.step): float(m.value) for m in
-                               sorted(hist, key=lambda m: (m.step, m.timestamp))})
-                series[key] = s
-        df = pd.DataFrame(series).sort_index()
-        df.index.name = "epoch"
-        out[rid] = df
-    return out
+        for c in metric_cols:
+            key = c.removeprefix("metrics.")
+            if not _HISTORY_KEYS.match(key) or pd.isna(row[c]):
+                continue
+            for m in client.get_metric_history(rid, key):
+                rc.append(i)
+                kc.append(keys.setdefault(key, len(keys)))
+                st.append(int(m.step))
+                ts.append(int(m.timestamp))
+                va.append(float(m.value))
+    return Histories.from_records(np.asarray(rc, dtype=np.int64), run_ids,
+                                  np.asarray(kc, dtype=np.int64), list(keys),
+                                  np.asarray(st, dtype=np.int64), np.asarray(ts, dtype=np.int64),
+                                  np.asarray(va, dtype=float))
+
+
+# ------------------------------------------------------------------ bulk sqlite reading
+def _sqlite_path(uri: str) -> str | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):]
+    return None if not path or path == ":memory:" else path
+
+
+def _key_range(prefix: str) -> str:
+    """SQL condition: ``key`` starts with ``prefix`` (a range, so that the primary key
+    index on (key, …) is used)."""
+    hi = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    return f"(key >= '{prefix}' AND key < '{hi}')"
+
+
+class _SqliteStore:
+    """Read-only bulk access to a sqlite MLflow tracking store, through the standard
+    library's sqlite3: the tables MLflow writes (experiments, runs, params, tags,
+    latest_metrics, metrics) in a handful of queries, with neither mlflow nor
+    SQLAlchemy imported.  Any sqlite3.Error (an older schema, say) makes :func:`collect`
+    fall back to the client API."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.con = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def experiment(self, name: str) -> tuple[int, str] | None:
+        row = self.con.execute("SELECT experiment_id, artifact_location FROM experiments "
+                               "WHERE name = ? AND lifecycle_stage = 'active'",
+                               (name,)).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def experiment_names(self) -> list[str]:
+        """Active experiments; "Default" (the store's automatic one) only if it has runs."""
+        rows = self.con.execute(
+            "SELECT e.name, (SELECT COUNT(*) FROM runs r WHERE r.experiment_id = "
+            "e.experiment_id AND r.lifecycle_stage = 'active') FROM experiments e "
+            "WHERE e.lifecycle_stage = 'active'").fetchall()
+        return sorted(n for n, k in rows if n != "Default" or k > 0)
+
+    def _long(self, sql: str, exp_id: int) -> pd.DataFrame:
+        cur = self.con.execute(sql, (exp_id,))
+        return pd.DataFrame.from_records(cur.fetchall(),
+                                         columns=[d[0] for d in cur.description])
+
+    def runs(self, exp_id: int) -> pd.DataFrame:
+        """The active runs as :func:`mlflow.search_runs` frames them (run_id, status,
+        start_time, end_time, artifact_uri, params.*, tags.*), with the ``final/*``
+        metrics as ``metrics.final/...``; four queries."""
+        active = ("SELECT run_uuid FROM runs WHERE experiment_id = ? "
+                  "AND lifecycle_stage = 'active'")
+        runs = self._long("SELECT run_uuid, status, start_time, end_time, artifact_uri FROM "
+                          "runs WHERE experiment_id = ? AND lifecycle_stage = 'active'", exp_id)
+        params = self._long(f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN "
+                            f"({active})", exp_id)
+        tags = self._long(f"SELECT run_uuid, key, value FROM tags WHERE run_uuid IN "
+                          f"({active})", exp_id)
+        final = self._long(f"SELECT run_uuid, key, value, is_nan FROM latest_metrics WHERE "
+                           f"{_key_range('final/')} AND run_uuid IN ({active})", exp_id)
+        if not final.empty:
+            final["value"] = pd.to_numeric(final["value"]).where(
+                ~final["is_nan"].astype(bool), float("nan"))
+        out = runs.rename(columns={"run_uuid": "run_id"})
+        out["run_id"] = out["run_id"].astype(str)
+        for c in ("start_time", "end_time"):
+            out[c] = pd.to_datetime(pd.to_numeric(out[c], errors="coerce"), unit="ms",
+                                    utc=True)
+        for long, prefix in ((params, "params."), (tags, "tags."), (final, "metrics.")):
+            if long.empty:
+                continue
+            w = long.drop_duplicates(["run_uuid", "key"], keep="last").pivot(
+                index="run_uuid", columns="key", values="value")
+            w.columns = [prefix + str(c) for c in w.columns]
+            out = out.join(w, on="run_id")
+        return out.sort_values("start_time", ascending=False, kind="stable") \
+            .reset_index(drop=True)
+
+    def histories(self, exp_id: int, run_ids: list[str]) -> Histories:
+        """The :data:`_HISTORY_KEYS` histories of ``run_ids`` (runs of ``exp_id``) in one
+        query over the primary key index of ``metrics`` (key ranges; the index holds
+        every column, so no table lookups), fetched and turned into arrays in chunks of
+        rows so that memory stays bounded."""
+        cond = " OR ".join(_key_range(p) for p in _HISTORY_PREFIXES)
+        cur = self.con.execute(
+            f"SELECT run_uuid, key, step, timestamp, value, is_nan FROM metrics "
+            f"WHERE ({cond}) AND run_uuid IN (SELECT run_uuid FROM runs WHERE "
+            f"experiment_id = ? AND lifecycle_stage = 'active')", (exp_id,))
+        run_code = {str(r): i for i, r in enumerate(run_ids)}
+        keys: dict[str, int] = {}          # every wanted key -> its code
+        parts: list[tuple] = []
+        while True:
+            rows = cur.fetchmany(50_000)
+            if not rows:
+                break
+            rid, k, st, ts, va, nan = zip(*rows)
+            del rows
+            rcat, kcat = pd.Categorical(rid), pd.Categorical(k)
+            rmap = np.array([run_code.get(str(c), -1) for c in rcat.categories], dtype=np.int64)
+            kmap = np.array([keys.setdefault(str(c), len(keys))
+                             if _HISTORY_KEYS.match(str(c)) else -1
+                             for c in kcat.categories], dtype=np.int64)
+            rc, kc = rmap[rcat.codes], kmap[kcat.codes]
+            keep = (rc >= 0) & (kc >= 0)
+            vals = np.asarray(va, dtype=float)
+            vals[np.asarray(nan, dtype=bool)] = np.nan
+            parts.append((rc[keep], kc[keep], np.asarray(st, dtype=np.int64)[keep],
+                          np.asarray(ts, dtype=np.int64)[keep], vals[keep]))
+        if not parts:
+            return Histories(None, list(run_ids))
+        cols = [np.concatenate([p[j] for p in parts]) for j in range(5)]
+        return Histories.from_records(cols[0], list(run_ids), cols[1], list(keys), cols[2],
+                                      cols[3], cols[4])
 
 
 def _is_child(raw: pd.DataFrame) -> pd.Series:
@@ -415,28 +675,77 @@ def select_parent(parents: pd.DataFrame, parent: str | None, experiment: str) ->
 
 
 def collect(experiment: str, tracking_uri: str, *, histories: bool = True,
-            parent: str | None = None) -> Collected:
+            parent: str | None = None, bulk: bool = True) -> Collected:
     """Load the trial runs of one parent run (sweep) of an experiment.  Raises ReportError.
 
     ``parent``: the parent run id; default: the newest parent run (by start time).
+    ``bulk``: with a sqlite store, read the runs (params, tags, final metrics) in four
+    SQL queries and the metric histories in one more, with the
+    standard library's sqlite3 (:class:`_SqliteStore`; mlflow is not imported).  Other
+    stores (HTTP, file, PostgreSQL, …), ``bulk=False``, or a sqlite schema that the
+    queries do not fit: ``mlflow.search_runs`` and one ``get_metric_history`` per run
+    and key.
     """
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     _check_store_exists(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        existing = _existing_experiments(client)
-        raise ReportError(f"no experiment '{experiment}' (existing: "
-                          f"{', '.join(existing) if existing else 'none'})")
-    prev_uri = mlflow.get_tracking_uri()
+    store, exp_id = None, None
+    path = _sqlite_path(tracking_uri) if bulk else None
+    if path is not None:
+        try:
+            store = _SqliteStore(path)
+            found = store.experiment(experiment)
+            if found is None:
+                existing = store.experiment_names()
+                store.close()
+                raise ReportError(f"no experiment '{experiment}' (existing: "
+                                  f"{', '.join(existing) if existing else 'none'})")
+            exp_id = found[0]
+            raw = store.runs(exp_id)
+        except sqlite3.Error as exc:
+            log.info("bulk sqlite reading failed (%s): using the MLflow client", exc)
+            store = None
+    client = None
+    if store is None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            existing = _existing_experiments(client)
+            raise ReportError(f"no experiment '{experiment}' (existing: "
+                              f"{', '.join(existing) if existing else 'none'})")
+        prev_uri = mlflow.get_tracking_uri()
+        try:
+            mlflow.set_tracking_uri(tracking_uri)
+            raw = mlflow.search_runs(experiment_ids=[exp.experiment_id],
+                                     output_format="pandas", max_results=100000)
+        finally:
+            mlflow.set_tracking_uri(prev_uri)
     try:
-        mlflow.set_tracking_uri(tracking_uri)
-        raw = mlflow.search_runs(experiment_ids=[exp.experiment_id], output_format="pandas",
-                                 max_results=100000)
+        col, finished = _select(raw, experiment, parent, tracking_uri)
+        if histories:
+            ids = [str(r) for r in col.runs["run_id"]]
+            hist = None
+            if store is not None:
+                try:
+                    hist = store.histories(exp_id, ids)
+                except sqlite3.Error as exc:
+                    log.info("bulk sqlite history reading failed (%s)", exc)
+            if hist is None:
+                if client is None:
+                    from mlflow.tracking import MlflowClient
+                    client = MlflowClient(tracking_uri=tracking_uri)
+                hist = _histories(client, finished, col.runs)
+            col.histories = hist
     finally:
-        mlflow.set_tracking_uri(prev_uri)
+        if store is not None:
+            store.close()
+    return col
+
+
+def _select(raw: pd.DataFrame, experiment: str, parent: str | None,
+            tracking_uri: str) -> tuple[Collected, pd.DataFrame]:
+    """The reported parent's trials (tidy) from the experiment's runs frame."""
     if raw.empty:
         raise ReportError(f"experiment '{experiment}' has no finished trial runs")
     is_child = _is_child(raw)
@@ -461,6 +770,7 @@ def collect(experiment: str, tracking_uri: str, *, histories: bool = True,
                     parents=parents, n_child_total=len(child), trials=tidy_runs(child),
                     parent_id=pid, parent_ids=list(parents_tbl["run_id"]),
                     parent_given=parent is not None)
-    if histories:
-        col.histories = _histories(client, finished, runs)
-    return col
+    col.artifact_uris = {str(r): str(u) for r, u in zip(finished["run_id"],
+                                                         _col(finished, "artifact_uri"))
+                         if isinstance(u, str) and u}
+    return col, finished

@@ -7,6 +7,8 @@ adjustment (a sort and a running maximum) is written out here.
 - :func:`paired_stats`  paired differences x − y: mean, std, n, the t-based CI and
   p-value of the paired t-test (``scipy.stats.ttest_rel``) when n ≥ 3, and a
   paired bootstrap CI (``scipy.stats.bootstrap``, BCa, fixed seed) when n ≥ 5
+- :func:`paired_stats_many`  the same for many cells at once (one scipy call per set
+  of cells with the same pairs)
 - :func:`holm`          Holm-adjusted p-values of one family of tests
 """
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["Stat", "Paired", "summary", "paired_stats", "holm", "fmt_p", "fmt_ci",
+__all__ = ["Stat", "Paired", "summary", "paired_stats", "paired_stats_many", "holm", "fmt_p",
+           "fmt_ci",
            "CONFIDENCE", "MIN_N_TEST", "MIN_N_BOOT", "N_BOOT", "BOOT_SEED"]
 
 CONFIDENCE = 0.95
@@ -36,6 +39,13 @@ class Stat(NamedTuple):
 
 
 def _clean(values: Iterable) -> np.ndarray:
+    if isinstance(values, np.ndarray) or hasattr(values, "dtype"):   # array or Series
+        try:
+            arr = np.asarray(values, dtype=float)
+        except (TypeError, ValueError):
+            arr = None
+        if arr is not None:
+            return arr[np.isfinite(arr)]
     out = []
     for v in values:
         try:
@@ -122,6 +132,82 @@ def paired_stats(x: Sequence[float], y: Sequence[float], *, confidence: float = 
             boot = (lo, hi) if np.isfinite(lo) and np.isfinite(hi) else None
     return Paired(**base, ci_t=(float(ci.low), float(ci.high)), ci_boot=boot,
                   p=float(res.pvalue), t=float(res.statistic), df=int(res.df))
+
+
+def paired_stats_many(x: np.ndarray, y: np.ndarray, *, confidence: float = CONFIDENCE,
+                      n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> list[Paired | None]:
+    """:func:`paired_stats` of every row of ``x`` and ``y`` (shape: cells x pairs), equal to
+    calling it row by row, but rows with the same number of pairs (after dropping pairs
+    with a NaN) share one ``ttest_rel`` and one ``bootstrap`` call along the last axis:
+    the bootstrap draws the same resampled pair indices for every row of a call, those
+    of a one-row call (the generator is seeded with ``seed`` for each call)."""
+    from scipy import stats
+
+    xa, ya = np.atleast_2d(np.asarray(x, dtype=float)), np.atleast_2d(np.asarray(y, dtype=float))
+    if xa.shape != ya.shape:
+        raise ValueError(f"paired samples differ in shape: {xa.shape} vs {ya.shape}")
+    out: list[Paired | None] = [None] * xa.shape[0]
+    keep = np.isfinite(xa) & np.isfinite(ya)
+    # rows with the same number of pairs share a call (their pairs, NaN pairs dropped,
+    # in their order: what paired_stats sees)
+    batches: dict[int, list[int]] = {}
+    for i in range(xa.shape[0]):
+        batches.setdefault(int(keep[i].sum()), []).append(i)
+    for n, all_rows in batches.items():
+        if n < MIN_N_TEST:          # nothing to batch: means and std only
+            for i in all_rows:
+                out[i] = paired_stats(xa[i], ya[i])
+            continue
+        for k in range(0, len(all_rows), MAX_BATCH):
+            _paired_batch(xa, ya, keep, all_rows[k:k + MAX_BATCH], n, out, confidence,
+                          n_boot, seed)
+    return out
+
+
+MAX_BATCH = 16   # cells per scipy call: the bootstrap holds cells x N_BOOT x n values
+
+
+def _paired_batch(xa: np.ndarray, ya: np.ndarray, keep: np.ndarray, rows: list[int], n: int,
+                  out: list, confidence: float, n_boot: int, seed: int) -> None:
+    """Fill ``out[i]`` for ``rows``, which have ``n`` >= MIN_N_TEST pairs each."""
+    from scipy import stats
+
+    xs = np.stack([xa[i][keep[i]] for i in rows])
+    ys = np.stack([ya[i][keep[i]] for i in rows])
+    d = xs - ys
+    means, stds = d.mean(axis=1), d.std(axis=1, ddof=1)
+    spread = stds > 1e-9 * np.maximum(1.0, np.abs(means))
+    idx = [i for i, ok in zip(rows, spread) if ok]
+    for i, ok in zip(rows, spread):
+        if not ok:
+            out[i] = paired_stats(xa[i], ya[i])     # zero spread
+    if not idx:
+        return
+    sel = spread.nonzero()[0]
+    xs, ys, d = xs[sel], ys[sel], d[sel]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.ttest_rel(xs, ys, axis=-1)
+        ci = res.confidence_interval(confidence_level=confidence)
+        lo_b = hi_b = None
+        if n >= MIN_N_BOOT:
+            # resampling the pairs = resampling their differences (same indices)
+            b = stats.bootstrap((d,), np.mean, vectorized=True, n_resamples=n_boot,
+                                confidence_level=confidence, method="BCa", axis=-1,
+                                rng=np.random.default_rng(seed))
+            lo_b = np.atleast_1d(b.confidence_interval.low)
+            hi_b = np.atleast_1d(b.confidence_interval.high)
+    lo, hi = np.atleast_1d(ci.low), np.atleast_1d(ci.high)
+    pv, tv, dfv = (np.atleast_1d(res.pvalue), np.atleast_1d(res.statistic),
+                   np.atleast_1d(res.df))
+    for j, i in enumerate(idx):
+        boot = None
+        if lo_b is not None and np.isfinite(lo_b[j]) and np.isfinite(hi_b[j]):
+            boot = (float(lo_b[j]), float(hi_b[j]))
+        out[i] = Paired(mean=float(np.mean(d[j])), std=float(np.std(d[j], ddof=1)), n=n,
+                        diffs=tuple(float(v) for v in d[j]),
+                        ci_t=(float(lo[j]), float(hi[j])), ci_boot=boot,
+                        p=float(pv[j]), t=float(tv[j]), df=int(dfv[j]))
 
 
 def _mean_diff(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:

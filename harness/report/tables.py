@@ -17,19 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 
 from . import protocol
 from .collect import (NA, T_COLUMNS_RE, arch_label, arch_order, is_setting_column,
                       method_order, relevant_methods, setting_label, setting_sort_key)
 from .stats import (CONFIDENCE, MIN_N_BOOT, MIN_N_TEST, N_BOOT, Paired, Stat, fmt_ci, fmt_p,
-                    holm, paired_stats, summary)
+                    holm, paired_stats_many, summary)
 
 __all__ = [
     "Stat", "Paired", "Row", "Block", "stat_of", "fmt_stat", "latex_escape",
     "varying_settings", "pair_settings", "t_values", "load_published",
     "load_published_table2", "build_table1", "table1_frame", "render_table1_md",
-    "render_table1_tex", "table1_caption", "build_table2", "render_table2_md",
+    "render_table1_tex", "render_table1_delta_tex", "table1_caption", "build_table2",
+    "render_table2_md",
     "render_table2_tex", "delta_findings", "per_seed_tables", "PUBLISHED_METHODS",
     "REFERENCE_DIR", "DAGGER",
 ]
@@ -89,14 +91,20 @@ def varying_settings(runs: pd.DataFrame) -> list[str]:
     if it differs among the runs of one of those methods (it is masked, "—",
     for the others).  A missing value counts as a value of its own.
     """
+    cols = _setting_columns(runs)
+    if not cols or runs.empty:
+        return []
+    vals = runs[cols].astype(object)
+    vals = vals.where(vals.notna(), NA)
+    overall = vals.nunique(dropna=False)
+    by_method = (vals.groupby(runs["method"]).nunique(dropna=False)
+                 if "method" in runs.columns else None)
     out = []
-    for s in _setting_columns(runs):
-        vals = runs[s].astype(object).where(runs[s].notna(), NA)
-        if relevant_methods(s) is None:
-            varies = vals.nunique(dropna=False) > 1
+    for s in cols:
+        if relevant_methods(s) is None or by_method is None:
+            varies = overall[s] > 1
         else:
-            varies = bool((vals.groupby(runs["method"]).nunique(dropna=False) > 1).any()) \
-                if "method" in runs.columns else vals.nunique(dropna=False) > 1
+            varies = bool((by_method[s] > 1).any())
         if varies:
             out.append(s)
     return out
@@ -196,6 +204,14 @@ def _per_seed(grp: pd.DataFrame, on: list[str], vcols: list[str]) -> pd.DataFram
     return per.reindex(columns=vcols)
 
 
+def _seed_values(grp: pd.DataFrame, vcols: list[str]) -> tuple[pd.DataFrame, bool]:
+    """The per-seed values of a group (order not kept: for summaries), and whether
+    several runs of one seed were averaged.  One run per seed: the rows as they are."""
+    if grp["seed"].is_unique:
+        return grp.reindex(columns=vcols), False
+    return _per_seed(grp, [], vcols), True
+
+
 def _has_values(runs: pd.DataFrame, col: str) -> bool:
     return col in runs.columns and bool(pd.to_numeric(runs[col], errors="coerce").notna().any())
 
@@ -224,44 +240,62 @@ def _delta_rows(a_runs: pd.DataFrame, arch: str, settings_cols: list[str],
                 if not (pd.isna(a) or pd.isna(b)):
                     pub_delta[disp] = float(a) - float(b)
     rows, notes = [], []
-    for gkey, grp in _groups(nq, settings_cols):
+    pairs: list[tuple[Row, np.ndarray, np.ndarray]] = []
+    # per-seed values as arrays, looked up by key (one groupby per method, not per group)
+    base_vals = {_as_tuple(i): v for i, v in zip(base_seed.index,
+                                                  base_seed.to_numpy(dtype=float))}
+    cols = [c for c in vcols if c in nq.columns]
+    per_nq = nq.groupby(settings_cols + ["seed"], dropna=False)[cols].mean() \
+        .reindex(columns=vcols)
+    by_group: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+    for i, v in zip(per_nq.index, per_nq.to_numpy(dtype=float)):
+        i = _as_tuple(i)
+        by_group.setdefault(i[:-1], []).append((str(i[-1]), v))
+    for gkey in sorted(by_group, key=lambda k: _group_key_order(k, settings_cols)):
         settings = dict(zip(settings_cols, gkey))
-        mine = _per_seed(grp, pair_on, vcols)
-        common = mine.index.intersection(base_seed.index)
+        pkey = tuple(settings[s] for s in pair_on)
+        mine = by_group[gkey]
+        common = [(seed, v) for seed, v in mine if (seed, *pkey) in base_vals]
         where = ", ".join(f"{setting_label(k)}={v}" for k, v in settings.items())
         label = f"{arch_label(arch)}{f' ({where})' if where else ''}"
-        if len(common) == 0:
+        if not common:
             notes.append(f"No Δ row for {label}: no QCFS run has the same seed and shared "
                          "settings as the NQ runs.")
             continue
-        partners = base_seed
-        if pair_on:   # the QCFS runs that share this NQ group's settings
-            key = tuple(settings[s] for s in pair_on)
-            partners = base_seed[[tuple(i[1:]) == key for i in base_seed.index]]
+        partners = {k[0] for k in base_vals if k[1:] == pkey}   # QCFS seeds of the group
+        paired = {seed for seed, _ in common}
         if len(common) < max(len(mine), len(partners)):
-            lone_nq = sorted({_seed_of(i) for i in mine.index.difference(common)},
-                             key=setting_sort_key)
-            lone_q = sorted({_seed_of(i) for i in partners.index.difference(common)},
-                            key=setting_sort_key)
+            lone_nq = sorted({seed for seed, _ in mine} - paired, key=setting_sort_key)
+            lone_q = sorted(partners - paired, key=setting_sort_key)
             notes.append(f"Δ {label}: {len(common)} seed pairs; unpaired seeds left out of "
                          f"the Δ: NQ {', '.join(lone_nq) or 'none'}; QCFS "
                          f"{', '.join(lone_q) or 'none'}.")
-        a, b = mine.loc[common], base_seed.loc[common]
-        cells = {disp: paired_stats(a[col].to_numpy(dtype=float), b[col].to_numpy(dtype=float))
-                 for disp, col in vmap.items()}
-        adj = holm([c.p if c is not None else None for c in cells.values()])
-        cells = {k: (None if c is None else _with(c, p_holm=q))
-                 for (k, c), q in zip(cells.items(), adj)}
-        diff = (a - b).rename(columns={col: disp for disp, col in vmap.items()})
-        diff.index = [_seed_of(i) for i in diff.index]
-        diff.index.name = "seed"
-        rows.append(Row(arch=arch, method=DELTA_LABEL, kind="delta", settings=settings,
-                        cells=cells, published_delta=pub_delta, per_seed=diff))
+        a = np.vstack([v for _, v in common])
+        b = np.vstack([base_vals[(seed, *pkey)] for seed, _ in common])
+        diff = pd.DataFrame(a - b, index=pd.Index([seed for seed, _ in common], name="seed"),
+                            columns=list(vmap))
+        row = Row(arch=arch, method=DELTA_LABEL, kind="delta", settings=settings,
+                  cells={}, published_delta=pub_delta, per_seed=diff)
+        rows.append(row)
+        pairs.append((row, a, b))
+    # the statistics of every cell of the arch's Δ rows in one batch (paired_stats_many)
+    if pairs:
+        xs = [a[:, j] for _, a, _ in pairs for j in range(len(vcols))]
+        ys = [b[:, j] for _, _, b in pairs for j in range(len(vcols))]
+        width = max(len(v) for v in xs)
+        pad = lambda v: np.concatenate([v, np.full(width - len(v), np.nan)])  # noqa: E731
+        stats_ = paired_stats_many(np.vstack([pad(v) for v in xs]),
+                                   np.vstack([pad(v) for v in ys]))
+        for k, (row, _, _) in enumerate(pairs):
+            cells = dict(zip(vmap, stats_[k * len(vcols):(k + 1) * len(vcols)]))
+            adj = holm([c.p if c is not None else None for c in cells.values()])
+            row.cells = {key: (None if c is None else _with(c, p_holm=q))
+                         for (key, c), q in zip(cells.items(), adj)}
     return rows, notes
 
 
-def _seed_of(index_value) -> str:
-    return str(index_value[0] if isinstance(index_value, tuple) else index_value)
+def _as_tuple(index_value) -> tuple:
+    return tuple(index_value) if isinstance(index_value, tuple) else (index_value,)
 
 
 def _with(p: Paired, **changes) -> Paired:
@@ -288,11 +322,11 @@ def build_table1(runs: pd.DataFrame, published: pd.DataFrame | None = None,
             gcols = ["method"] + settings_cols
             measured = []
             for gkey, grp in _groups(a_runs, gcols):
-                per = _per_seed(grp, [], vcols)
+                per, dup_seeds = _seed_values(grp, vcols)
                 cells = {disp: stat_of(per[col]) for disp, col in vmap.items()}
                 row = Row(arch=arch, method=str(gkey[0]), kind="measured",
                           settings=dict(zip(settings_cols, gkey[1:])), cells=cells,
-                          dup_seeds=len(per) < len(grp))
+                          dup_seeds=dup_seeds)
                 if row.dup_seeds:
                     dup.append(f"{arch_label(arch)} {row.method}")
                 measured.append(row)
@@ -432,7 +466,35 @@ def table1_frame(block: Block, fmt: str = "md") -> pd.DataFrame:
 
 
 def _md(df: pd.DataFrame) -> str:
-    return df.to_markdown(index=False, disable_numparse=True)
+    """Markdown pipe table of a frame of strings, as ``df.to_markdown(index=False,
+    disable_numparse=True)`` writes it (tabulate's "pipe" format: cells stripped and
+    left-aligned, a column at least its header + 2 wide), without tabulate's per-cell
+    type detection, which dominated the time of large reports."""
+    cells = [list(r) for r in df.itertuples(index=False, name=None)]
+    if df.empty or not all(isinstance(v, str) for r in cells for v in r):
+        return df.to_markdown(index=False, disable_numparse=True)
+    header = [str(c).strip() for c in df.columns]
+    cells = [[v.strip() for v in r] for r in cells]
+    widths = [max([_width(h) + 2] + [_width(r[j]) for r in cells]) for j, h in enumerate(header)]
+
+    def line(vals: list[str]) -> str:
+        return "| " + " | ".join(v + " " * (w - _width(v)) for v, w in zip(vals, widths)) + " |"
+
+    return "\n".join([line(header), "|" + "|".join(":" + "-" * (w + 1) for w in widths) + "|"]
+                     + [line(r) for r in cells])
+
+
+try:   # tabulate measures with wcwidth when it is installed: the same widths here
+    from wcwidth import wcswidth as _wcswidth
+except ImportError:  # pragma: no cover
+    _wcswidth = None
+
+
+def _width(text: str) -> int:
+    if _wcswidth is None or text.isascii():
+        return len(text)
+    w = _wcswidth(text)
+    return w if w >= 0 else len(text)
 
 
 def table1_caption(noisy: bool = False) -> str:
@@ -475,40 +537,16 @@ def render_table1_md(blocks: list[Block], title: str | None = "Table 1", level: 
     return "\n".join(parts)
 
 
-def _styler_latex(df: pd.DataFrame, n_text_cols: int, caption: str, label: str,
-                  group_starts: list[int]) -> str:
-    col_format = "l" * n_text_cols + "r" * (df.shape[1] - n_text_cols)
-    tex = df.style.hide(axis="index").to_latex(
-        hrules=True, column_format=col_format, caption=caption, label=label,
-        position_float="centering")
-    # rule between architecture groups
-    if group_starts:
-        lines = tex.splitlines()
-        body_start = lines.index("\\midrule") + 1
-        for i in sorted(group_starts, reverse=True):
-            if i > 0:
-                lines.insert(body_start + i, "\\midrule")
-        tex = "\n".join(lines) + "\n"
-    return tex
-
-
 def render_table1_tex(blocks: list[Block]) -> str:
-    parts = ["% Table 1 -- generated by `harness report`; needs \\usepackage{booktabs}\n"]
-    conf = f"{CONFIDENCE:.0%}"
-    for b in blocks:
-        shown = _display_rows(b, "tex")
-        df = table1_frame(b, "tex")
-        starts = [i for i, (r, _) in enumerate(shown) if i == 0 or r.arch != shown[i - 1][0].arch]
-        caption = (f"SNN test accuracy (%) on {b.dataset} vs. time steps T (mean ± std over "
-                   f"seeds, n = seeds). Δ: NQ − QCFS paired by seed; p: two-sided paired "
-                   f"t-test, unadjusted; p (Holm): adjusted across the columns of the Δ row; "
-                   f"{DAGGER}: {conf} t-based CI excludes 0; {N_TOO_SMALL}: fewer than "
-                   f"{MIN_N_TEST} pairs, no CI or p-value. Bold: highest measured mean "
-                   f"(descriptive). {b.protocol}")
-        parts.append(_styler_latex(
-            df, n_text_cols=df.shape[1] - len(b.value_cols), caption=latex_escape(caption),
-            label=f"tab:acc-{b.dataset_key}", group_starts=starts))
-    return "\n".join(parts)
+    """LaTeX Table 1 (booktabs, multirow, siunitx): see :mod:`.latex`."""
+    from . import latex
+    return latex.render_table1_tex(blocks)
+
+
+def render_table1_delta_tex(blocks: list[Block]) -> str | None:
+    """LaTeX table of the Δ rows (NQ − QCFS, CIs, p-values); None if there is no Δ row."""
+    from . import latex
+    return latex.render_table1_delta_tex(blocks)
 
 
 # ---------------------------------------------------------------------- generated prose
@@ -673,7 +711,7 @@ def build_table2(runs: pd.DataFrame, published: pd.DataFrame | None = None,
         for arch in sorted(ds_runs["arch"].unique(), key=arch_order):
             a_runs = ds_runs[ds_runs["arch"] == arch]
             for gkey, grp in _groups(a_runs, gcols):
-                per = _per_seed(grp, [], vcols)
+                per, _ = _seed_values(grp, vcols)
                 by_t = {t: stat_of(per[f"T{t}"]) for t in ts}
                 recs.append(_t2_record(arch, gkey[0], dict(zip(settings_cols, gkey[1:])),
                                        stat_of(per["ann"]), by_t, fmt))
@@ -727,17 +765,6 @@ def render_table2_md(tables: dict[str, pd.DataFrame], pub2: pd.DataFrame | None 
 
 
 def render_table2_tex(tables: dict[str, pd.DataFrame]) -> str:
-    parts = ["% Table 2 -- generated by `harness report`; needs \\usepackage{booktabs}\n"]
-    for ds, df in tables.items():
-        tdf = df.map(latex_escape)
-        tdf.columns = [latex_escape(c) for c in df.columns]
-        n_text = 2 + int(df.attrs.get("n_settings", 0))
-        arch = list(df["Arch"])
-        starts = [i for i in range(len(arch)) if i == 0 or arch[i] != arch[i - 1]]
-        parts.append(_styler_latex(
-            tdf, n_text_cols=n_text,
-            caption=latex_escape(f"Low-latency summary on {ds}: best SNN accuracy (%) at "
-                                 f"T ≤ {LOW_T} and first T within {TOLERANCE:g} point of the "
-                                 f"ANN (mean ± std over seeds). {df.attrs.get('protocol', '')}"),
-            label=f"tab:lowT-{df.attrs.get('dataset_key', 'ds')}", group_starts=starts))
-    return "\n".join(parts)
+    """LaTeX Table 2 from the :func:`build_table2` frames: see :mod:`.latex`."""
+    from . import latex
+    return latex.render_table2_tex(tables)
