@@ -52,8 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(s, "override a key of the base config (repeatable)")
     s.set_defaults(func=_sweep)
 
-    r = sub.add_parser("report", help="tables and figures for one MLflow experiment (sweep)", add_help=False)
-    r.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    r = sub.add_parser("report", help="tables and figures for one MLflow experiment (sweep)",
+                       description="Tables (Markdown, LaTeX) and figures (PNG and PDF) for one MLflow "
+                                   "experiment (sweep): its newest parent run, or --parent.")
+    r.add_argument("--experiment", required=True, help="MLflow experiment (= sweep) name")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
+    r.add_argument("--out", help="output folder (default: reports/<experiment>/)")
+    r.add_argument("--format", default="md,tex,png",
+                   help="comma-separated subset of md,tex,png (default: all); png writes every figure as "
+                        "PNG and as PDF; tex writes table1.tex, table1_delta.tex, table2.tex and preamble.tex")
+    r.add_argument("--parent", metavar="RUN_ID",
+                   help="report the trials of this parent run (default: the newest parent run)")
+    r.add_argument("--per-trial", action="store_true",
+                   help="also write per-trial figures (training curves, delta heatmap, residual histograms)")
+    r.add_argument("--no-attach", action="store_true",
+                   help="do not log the tables and index.md as artifacts of the parent run")
     r.set_defaults(func=_report)
     return p
 
@@ -82,8 +95,9 @@ def _sweep(a: argparse.Namespace) -> int:
 
 
 def _report(a: argparse.Namespace) -> int:
-    from .report.cli import main
-    return main(a.args)
+    from .report.cli import run
+    print(run(a.experiment, a.tracking_uri, a.out, a.format, a.parent, a.per_trial, attach=not a.no_attach))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

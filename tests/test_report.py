@@ -15,7 +15,12 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from harness.report import latex, tables  # noqa: E402
-from harness.report.cli import main  # noqa: E402
+from harness.cli import main as _harness_main  # noqa: E402
+
+
+def main(argv):
+    """`harness report ARGV` (the CLI is the only argv parser)."""
+    return _harness_main(["report", *argv])
 from test_report_latex import check_tabular, needs_tex, top_tabulars  # noqa: E402
 
 EXP = "toy_sweep"
@@ -414,9 +419,9 @@ def test_table1_on_frame_varying_L_and_single_seed():
         ("ResNet-20", "Δ NQ − QCFS", "8", "-1.00", "+10.00"),
         ("", "↳ p (paired t)", "", "n too small", "n too small"),
     ]
-    tex = tables.render_table1_tex(blocks)
+    tex = latex.render_table1_tex(blocks)
     assert _check_tabular(_tabulars(tex)[0]) == 5     # header + 4 measured rows
-    delta = tables.render_table1_delta_tex(blocks)    # 2 Δ rows (L = 4, 8) x 2 columns
+    delta = latex.render_table1_delta_tex(blocks)    # 2 Δ rows (L = 4, 8) x 2 columns
     assert _check_tabular(_tabulars(delta)[0]) == 1 + 2 * 2
 
 
@@ -630,7 +635,7 @@ def test_parent_table_and_select_parent():
     assert list(par["n_trials"]) == [2, 1, 1]
     assert select_parent(par, None, "e") == "P2"
     assert select_parent(par, "P1", "e") == "P1"
-    with pytest.raises(ReportError, match=r"^no parent run 'X' in experiment 'e' "
+    with pytest.raises(ReportError, match=r"^report error: no parent run 'X' in experiment 'e' "
                                           r"\(parent runs, newest first: P2, P1, P0\)$"):
         select_parent(par, "X", "e")
 

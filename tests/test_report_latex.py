@@ -68,9 +68,9 @@ SHAPES = {
 def render(runs: pd.DataFrame) -> dict[str, str]:
     pub = tables.load_published()
     blocks = tables.build_table1(runs, pub)
-    out = {"table1.tex": tables.render_table1_tex(blocks),
-           "table2.tex": tables.render_table2_tex(tables.build_table2(runs, pub))}
-    delta = tables.render_table1_delta_tex(blocks)
+    out = {"table1.tex": latex.render_table1_tex(blocks),
+           "table2.tex": latex.render_table2_tex(tables.build_table2(runs, pub))}
+    delta = latex.render_table1_delta_tex(blocks)
     if delta is not None:
         out["table1_delta.tex"] = delta
     return out
@@ -168,7 +168,7 @@ def test_delta_table_statistics():
     runs = frame(archs=("resnet20",), seeds=5, ts=(1, 2, 4))
     blocks = tables.build_table1(runs, None)
     (delta_row,) = [r for r in blocks[0].rows if r.kind == "delta"]
-    tex = tables.render_table1_delta_tex(blocks)
+    tex = latex.render_table1_delta_tex(blocks)
     (tab,) = top_tabulars(tex)
     assert check_tabular(tab) == 1 + 4                  # header, ANN and T = 1, 2, 4
     for col, c in delta_row.cells.items():
@@ -236,8 +236,8 @@ def test_compile_check_catches_overfull():
 def test_table2_tex_from_either_frame_format():
     runs = frame(**SHAPES["cpu_cifar10"])
     pub = tables.load_published()
-    md = tables.render_table2_tex(tables.build_table2(runs, pub, fmt="md"))
-    tex = tables.render_table2_tex(tables.build_table2(runs, pub, fmt="tex"))
+    md = latex.render_table2_tex(tables.build_table2(runs, pub, fmt="md"))
+    tex = latex.render_table2_tex(tables.build_table2(runs, pub, fmt="tex"))
     # fmt="tex" cells carry no n: the caption says "over seeds", the rest is equal
     strip = lambda t: re.sub(r"\\caption\{.*?\}\n", "", t, flags=re.S)  # noqa: E731
     assert strip(md) == strip(tex)

@@ -7,10 +7,10 @@
 - :mod:`.latex`    LaTeX layout that fits a 10-pt article (booktabs, multirow, siunitx),
   ``preamble.tex``, and a pdflatex compile check
 - :mod:`.figures`  matplotlib figures (Agg)
-- :mod:`.cli`      ``main(argv)`` for the ``harness report`` subcommand
+- :mod:`.cli`      ``run(...)``: the ``harness report`` subcommand (parsed by harness.cli)
 """
 from .collect import Collected, ReportError, collect, default_tracking_uri
-from .cli import main, write_report
+from .cli import run, write_report
 
-__all__ = ["Collected", "ReportError", "collect", "default_tracking_uri", "main",
+__all__ = ["Collected", "ReportError", "collect", "default_tracking_uri", "run",
            "write_report"]

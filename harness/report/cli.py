@@ -1,42 +1,17 @@
 """``harness report``: MLflow experiment -> tables, figures and index.md."""
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import warnings
 from pathlib import Path
 
-from . import protocol, tables
+from . import latex, protocol, tables
 from .collect import (EXCLUDED_PARAMS, NA, Collected, ReportError, arch_label, arch_order,
                       collect, dataset_display, default_tracking_uri, setting_label,
                       setting_sort_key)
 
 FORMATS = ("md", "tex", "png")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="harness report",
-        description="Tables (Markdown, LaTeX) and figures (PNG and PDF) for one MLflow "
-                    "experiment (sweep).")
-    p.add_argument("--experiment", required=True, help="MLflow experiment (= sweep) name")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
-    p.add_argument("--out", default=None, help="output folder (default: reports/<experiment>/)")
-    p.add_argument("--format", default="md,tex,png",
-                   help="comma-separated subset of md,tex,png (default: all); png writes "
-                        "every figure as PNG and as PDF; tex writes table1.tex, "
-                        "table1_delta.tex, table2.tex and preamble.tex")
-    p.add_argument("--parent", default=None, metavar="RUN_ID",
-                   help="report the trials of this parent run (default: the newest parent "
-                        "run of the experiment)")
-    p.add_argument("--per-trial", action="store_true",
-                   help="also write the per-trial figures (training curves, δ heatmap and "
-                        "residual histograms of every trial); by default the figures show "
-                        "one panel per architecture and method, whatever the number of trials")
-    return p
 
 
 def _parse_formats(text: str) -> set[str]:
@@ -180,11 +155,11 @@ def write_report(col: Collected, out: Path, fmts: set[str],
     if "tex" in fmts:
         from . import latex
         _write("preamble.tex", latex.preamble_tex())
-        _write("table1.tex", tables.render_table1_tex(blocks))
-        delta_tex = tables.render_table1_delta_tex(blocks)
+        _write("table1.tex", latex.render_table1_tex(blocks))
+        delta_tex = latex.render_table1_delta_tex(blocks)
         if delta_tex is not None:
             _write("table1_delta.tex", delta_tex)
-        _write("table2.tex", tables.render_table2_tex(t2_md))
+        _write("table2.tex", latex.render_table2_tex(t2_md))
     if "png" in fmts:
         written["figures"] = _write_figures(col, out, per_trial)
     (out / "index.md").write_text(_index_md(col, out, written, table1_md, blocks))
@@ -348,29 +323,36 @@ def _index_md(col: Collected, out: Path, written: dict[str, list[Path]], table1_
     return "\n".join(lines).rstrip() + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:          # --help / usage error
-        return int(exc.code or 0)
+def run(experiment: str, tracking_uri: str | None = None, out: str | Path | None = None,
+        formats: str = "md,tex,png", parent: str | None = None, per_trial: bool = False,
+        attach: bool = True) -> Path:
+    """Write the report of one experiment (its newest parent run, or `parent`) to `out`
+    (default reports/<experiment>/); with `attach`, also log its tables and index.md as
+    artifacts (`report/`) of that parent run. Raises ReportError."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.ERROR)
-    uri = args.tracking_uri or default_tracking_uri()
-    out = Path(args.out) if args.out else Path("reports") / args.experiment
-    try:
-        fmts = _parse_formats(args.format)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            col = collect(args.experiment, uri, parent=args.parent)
-            write_report(col, out, fmts, per_trial=args.per_trial)
-    except ReportError as exc:
-        print(f"report error: {exc}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+    uri = tracking_uri or default_tracking_uri()
+    out = Path(out) if out else Path("reports") / experiment
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file (expected a folder, existing or new)")
+    fmts = _parse_formats(formats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        col = collect(experiment, uri, parent=parent)
+        try:
+            written = write_report(col, out, fmts, per_trial=per_trial)
+        except OSError as e:
+            raise ReportError(f"--out {out} cannot be written ({e.strerror or e})") from None
+    if attach and col.parent_id:
+        _attach(col, out, written)
+    return out
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(sys.argv[1:]))
+def _attach(col: Collected, out: Path, written: dict[str, list[Path]]) -> None:
+    """The tables and index.md as artifacts of the reported parent run (MLflow UI)."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=col.tracking_uri)
+    for path in [*written["tables"], out / "index.md"]:
+        if path.exists():
+            client.log_artifact(col.parent_id, str(path), "report")

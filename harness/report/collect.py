@@ -25,6 +25,9 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 
+from ..errors import BAD_INPUT, HarnessError
+from ..methods import METHOD_BY_MODE, METHOD_ORDER
+
 __all__ = [
     "ReportError", "Collected", "collect", "default_tracking_uri", "SETTINGS",
     "SETTING_LABELS", "T_COLUMNS_RE", "dataset_key", "dataset_label", "arch_label",
@@ -36,8 +39,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class ReportError(Exception):
+class ReportError(HarnessError):
     """A problem that ends the report with exit code 2 (one-line message)."""
+
+    kind = "report error"
+    exit_code = BAD_INPUT
 
 
 # Report column -> MLflow param for the settings with a short column name.  Every
@@ -109,8 +115,6 @@ _FINAL_T_RE = re.compile(r"^final/snn_test_acc_T(\d+)$")
 FINAL_METRICS = {"ann": "final/ann_test_acc", "ann_val": "final/ann_val_acc",
                  "ann_noisy": "final/ann_noisy_test_acc", "best_epoch": "final/best_epoch"}
 
-_METHOD_BY_MODE = {"qcfs": "QCFS", "layerwise": "NQ", "fixed": "NQ-fixed"}
-_METHOD_ORDER = ["QCFS", "NQ", "NQ-fixed"]
 _ARCH_LABELS = {"vgg16": "VGG-16", "resnet18": "ResNet-18", "resnet20": "ResNet-20",
                 "cnn_small": "CNN-small"}
 _ARCH_ORDER = list(_ARCH_LABELS)
@@ -119,7 +123,7 @@ _DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "digits": "Di
 
 
 def method_order(m: str) -> tuple:
-    return (_METHOD_ORDER.index(m) if m in _METHOD_ORDER else len(_METHOD_ORDER), str(m))
+    return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), str(m))
 
 
 def arch_order(a: str) -> tuple:
@@ -227,17 +231,6 @@ class Collected:
     parent_given: bool = False              # selected with --parent (else: the newest)
     artifact_uris: dict[str, str] = field(default_factory=dict)   # run_id -> artifact URI
     _hist_cache: dict[str, dict | None] = field(default_factory=dict, repr=False)
-
-    @property
-    def t_values(self) -> list[int]:
-        return sorted(int(m.group(1)) for c in self.runs.columns
-                      if (m := T_COLUMNS_RE.match(str(c))) and self.runs[c].notna().any())
-
-    @property
-    def varying(self) -> list[str]:
-        """Settings (report column names) that take >1 value among the runs."""
-        from .tables import varying_settings
-        return varying_settings(self.runs)
 
     @property
     def status_counts(self) -> dict[str, int]:
@@ -348,7 +341,7 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
                    for a in _col(raw, "params.model.arch").astype(object)]
     modes = _col(raw, "params.noise.mode").astype(object)
     mtags = _col(raw, "tags.harness.method").astype(object)
-    out["method"] = [t if isinstance(t, str) and t else _METHOD_BY_MODE.get(str(m), str(m))
+    out["method"] = [t if isinstance(t, str) and t else METHOD_BY_MODE.get(str(m), str(m))
                      for t, m in zip(mtags, modes)]
     out["seed"] = [_norm_value(s) for s in _col(raw, "params.train.seed").astype(object)]
     params = sorted(c.removeprefix("params.") for c in raw.columns if c.startswith("params."))

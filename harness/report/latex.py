@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -37,8 +36,7 @@ from . import protocol
 from .collect import NA, arch_label, dataset_display, setting_label
 from .stats import CONFIDENCE, MIN_N_BOOT, MIN_N_TEST, N_BOOT, Paired, Stat, fmt_p
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .tables import Block
+from .tables import LOW_T, TOLERANCE, Block
 
 __all__ = ["PACKAGES", "TEXTWIDTH_PT", "preamble_tex", "render_table1_tex",
            "render_table1_delta_tex", "table1_layout", "delta_layout", "render_table2_tex", "text_width", "si_cell",
@@ -631,8 +629,6 @@ def _ci(ci: tuple[float, float] | None) -> str:
 # ------------------------------------------------------------------ Table 2
 def render_table2_tex(tables: dict[str, pd.DataFrame]) -> str:
     """Table 2 frames (:func:`tables.build_table2`, markdown cell texts) -> LaTeX."""
-    from .tables import LOW_T, TOLERANCE
-
     names = _caption_names([(ds, df.attrs.get("dataset_key", ds)) for ds, df in tables.items()])
     labels = _labels([str(df.attrs.get("dataset_key", "ds")) for df in tables.values()],
                      "tab:lowT")

@@ -20,6 +20,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from ..methods import BASE_METHOD, DELTA_METHOD
 from . import protocol
 from .collect import (NA, T_COLUMNS_RE, arch_label, arch_order, is_setting_column,
                       method_order, relevant_methods, setting_label, setting_sort_key)
@@ -30,15 +31,14 @@ __all__ = [
     "Stat", "Paired", "Row", "Block", "stat_of", "fmt_stat", "latex_escape",
     "varying_settings", "pair_settings", "t_values", "load_published",
     "load_published_table2", "build_table1", "table1_frame", "render_table1_md",
-    "render_table1_tex", "render_table1_delta_tex", "table1_caption", "build_table2",
+    "table1_caption", "build_table2",
     "render_table2_md",
-    "render_table2_tex", "delta_findings", "per_seed_tables", "PUBLISHED_METHODS",
+    "delta_findings", "per_seed_tables", "PUBLISHED_METHODS",
     "REFERENCE_DIR", "DAGGER",
 ]
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "reports" / "reference"
 PUBLISHED_METHODS = ("QCFS", "NQ")   # published rows shown next to the measured ones
-DELTA_METHOD, BASE_METHOD = "NQ", "QCFS"
 DELTA_LABEL = f"Δ {DELTA_METHOD} − {BASE_METHOD}"
 DAGGER = "†"
 
@@ -537,18 +537,6 @@ def render_table1_md(blocks: list[Block], title: str | None = "Table 1", level: 
     return "\n".join(parts)
 
 
-def render_table1_tex(blocks: list[Block]) -> str:
-    """LaTeX Table 1 (booktabs, multirow, siunitx): see :mod:`.latex`."""
-    from . import latex
-    return latex.render_table1_tex(blocks)
-
-
-def render_table1_delta_tex(blocks: list[Block]) -> str | None:
-    """LaTeX table of the Δ rows (NQ − QCFS, CIs, p-values); None if there is no Δ row."""
-    from . import latex
-    return latex.render_table1_delta_tex(blocks)
-
-
 # ---------------------------------------------------------------------- generated prose
 def _where(b: Block, r: Row) -> str:
     extra = ", ".join(f"{setting_label(k)}={v}" for k, v in r.settings.items() if v != NA)
@@ -763,8 +751,3 @@ def render_table2_md(tables: dict[str, pd.DataFrame], pub2: pd.DataFrame | None 
             parts.append(_md(other) + "\n")
     return "\n".join(parts)
 
-
-def render_table2_tex(tables: dict[str, pd.DataFrame]) -> str:
-    """LaTeX Table 2 from the :func:`build_table2` frames: see :mod:`.latex`."""
-    from . import latex
-    return latex.render_table2_tex(tables)
