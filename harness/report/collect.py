@@ -320,6 +320,20 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
     do not apply to (:func:`relevant_methods`).
     """
     out = pd.DataFrame(index=raw.index)
+    _add_run_columns(out, raw)
+    _add_dataset_columns(out, raw)
+    _add_arch_method_seed(out, raw)
+    setting_cols = _setting_columns(raw)
+    _add_settings(out, raw, setting_cols)
+    _add_protocol_columns(out, raw)
+    _add_final_metrics(out, raw)
+    _add_trial_file(out)
+    return _sort_runs(out, setting_cols)
+
+
+def _add_run_columns(out: pd.DataFrame, raw: pd.DataFrame) -> None:
+    """run_id, status, trial (its name: the harness tag, else the run name, else the
+    run id's start) and parent_id."""
     out["run_id"] = raw["run_id"].astype(str)
     out["status"] = _col(raw, "status").astype(object).map(
         lambda v: str(v) if isinstance(v, str) and v else "UNKNOWN")
@@ -329,6 +343,10 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
                                                           else rid[:8])
                     for t, r, rid in zip(trial, runname, out["run_id"])]
     out["parent_id"] = _col(raw, "tags.mlflow.parentRunId").astype(object)
+
+
+def _add_dataset_columns(out: pd.DataFrame, raw: pd.DataFrame) -> None:
+    """data_name, data_root, dataset_key and dataset (the display label)."""
     names = _col(raw, "params.data.name").astype(object)
     roots = _col(raw, "params.data.root").astype(object)
     tags = _col(raw, "tags.harness.dataset_label").astype(object)
@@ -337,6 +355,10 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
     out["dataset_key"] = [dataset_key(n, r) for n, r in zip(out["data_name"], out["data_root"])]
     out["dataset"] = [dataset_label(n, r, t if isinstance(t, str) else None)
                       for n, r, t in zip(out["data_name"], out["data_root"], tags)]
+
+
+def _add_arch_method_seed(out: pd.DataFrame, raw: pd.DataFrame) -> None:
+    """arch, method (the harness tag, else named after noise.mode) and seed."""
     out["arch"] = [str(a) if isinstance(a, str) else "unknown"
                    for a in _col(raw, "params.model.arch").astype(object)]
     modes = _col(raw, "params.noise.mode").astype(object)
@@ -344,10 +366,20 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
     out["method"] = [t if isinstance(t, str) and t else METHOD_BY_MODE.get(str(m), str(m))
                      for t, m in zip(mtags, modes)]
     out["seed"] = [_norm_value(s) for s in _col(raw, "params.train.seed").astype(object)]
+
+
+def _setting_columns(raw: pd.DataFrame) -> list[str]:
+    """The setting columns of the tidy frame: the short ones (:data:`SETTINGS`), then
+    every other parameter that is neither excluded nor a key parameter, by name."""
     params = sorted(c.removeprefix("params.") for c in raw.columns if c.startswith("params."))
-    setting_cols = list(SETTINGS) + [_SHORT.get(p, p) for p in params
-                                     if p not in EXCLUDED_PARAMS and p not in KEY_PARAMS
-                                     and p not in _SHORT]
+    return list(SETTINGS) + [_SHORT.get(p, p) for p in params
+                             if p not in EXCLUDED_PARAMS and p not in KEY_PARAMS
+                             and p not in _SHORT]
+
+
+def _add_settings(out: pd.DataFrame, raw: pd.DataFrame, setting_cols: list[str]) -> None:
+    """One column per setting: canonical values, masked for the methods they do not
+    apply to."""
     for name in setting_cols:
         param = SETTINGS.get(name, name)
         vals = [_norm_value(v) for v in _col(raw, f"params.{param}").astype(object)]
@@ -355,12 +387,22 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
         if rel is not None:
             vals = [v if m in rel else NA for v, m in zip(vals, out["method"])]
         out[name] = vals
+
+
+def _add_protocol_columns(out: pd.DataFrame, raw: pd.DataFrame) -> None:
+    """select_on, select_T and class_counts (the calibration subset): parameters that
+    are not settings but are listed in the protocol section."""
     out["select_on"] = [_norm_value(v) for v in _col(raw, "params.eval.select_on").astype(object)]
     out["select_T"] = [_norm_value(v) for v in _col(raw, "params.eval.select_T").astype(object)]
     rel = relevant_methods("calib.class_counts")
     out["class_counts"] = [_norm_value(v) if rel is None or m in rel else NA for v, m in
                            zip(_col(raw, "params.calib.class_counts").astype(object),
                                out["method"])]
+
+
+def _add_final_metrics(out: pd.DataFrame, raw: pd.DataFrame) -> None:
+    """The final metrics of the selected model: ann, ann_val, ann_noisy, best_epoch and
+    one column T<t> per evaluated T (ascending)."""
     for name, key in FINAL_METRICS.items():
         out[name] = pd.to_numeric(_col(raw, f"metrics.{key}"), errors="coerce")
     ts = sorted({int(m.group(1)): c for c in raw.columns
@@ -368,11 +410,18 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
                  }.items())
     for t, c in ts:
         out[f"T{t}"] = pd.to_numeric(raw[c], errors="coerce")
-    # unique, file-name-safe trial names
+
+
+def _add_trial_file(out: pd.DataFrame) -> None:
+    """trial_file: unique, file-name-safe trial names."""
     safe = [sanitize(t) for t in out["trial"]]
     dup = pd.Series(safe).duplicated(keep=False).to_numpy()
     out["trial_file"] = [f"{s}_{rid[:8]}" if d else s
                          for s, d, rid in zip(safe, dup, out["run_id"])]
+
+
+def _sort_runs(out: pd.DataFrame, setting_cols: list[str]) -> pd.DataFrame:
+    """Rows in report order: dataset, arch, method, settings, seed, trial."""
     ds, arch, meth, seed, trial = (out[c].tolist() for c in
                                    ("dataset", "arch", "method", "seed", "trial"))
     setting_vals = [out[s].tolist() for s in setting_cols]
@@ -380,8 +429,7 @@ def tidy_runs(raw: pd.DataFrame) -> pd.DataFrame:
         ds[i], arch_order(arch[i]), method_order(meth[i]),
         tuple(setting_sort_key(v[i]) for v in setting_vals),
         setting_sort_key(seed[i]), trial[i]))
-    out = out.iloc[order].reset_index(drop=True)
-    return out
+    return out.iloc[order].reset_index(drop=True)
 
 
 # The per-epoch metrics the report reads (its figures use no others): ANN and SNN
