@@ -728,60 +728,79 @@ def collect(experiment: str, tracking_uri: str, *, histories: bool = True,
     and key.
     """
     _check_store_exists(tracking_uri)
-    store, exp_id = None, None
     path = _sqlite_path(tracking_uri) if bulk else None
-    if path is not None:
-        try:
-            store = _SqliteStore(path)
-            found = store.experiment(experiment)
-            if found is None:
-                existing = store.experiment_names()
-                store.close()
-                raise ReportError(f"no experiment '{experiment}' (existing: "
-                                  f"{', '.join(existing) if existing else 'none'})")
-            exp_id = found[0]
-            raw = store.runs(exp_id)
-        except sqlite3.Error as exc:
-            log.info("bulk sqlite reading failed (%s): using the MLflow client", exc)
-            store = None
-    client = None
-    if store is None:
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=tracking_uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            existing = _existing_experiments(client)
-            raise ReportError(f"no experiment '{experiment}' (existing: "
-                              f"{', '.join(existing) if existing else 'none'})")
-        prev_uri = mlflow.get_tracking_uri()
-        try:
-            mlflow.set_tracking_uri(tracking_uri)
-            raw = mlflow.search_runs(experiment_ids=[exp.experiment_id],
-                                     output_format="pandas", max_results=100000)
-        finally:
-            mlflow.set_tracking_uri(prev_uri)
+    read = _bulk_runs(path, experiment) if path is not None else None
+    store, exp_id, client = None, None, None
+    if read is not None:
+        store, exp_id, raw = read
+    else:
+        client, raw = _client_runs(experiment, tracking_uri)
     try:
         col, finished = _select(raw, experiment, parent, tracking_uri)
         if histories:
-            ids = [str(r) for r in col.runs["run_id"]]
-            hist = None
-            if store is not None:
-                try:
-                    hist = store.histories(exp_id, ids)
-                except sqlite3.Error as exc:
-                    log.info("bulk sqlite history reading failed (%s)", exc)
-            if hist is None:
-                if client is None:
-                    from mlflow.tracking import MlflowClient
-                    client = MlflowClient(tracking_uri=tracking_uri)
-                hist = _histories(client, finished, col.runs)
-            col.histories = hist
+            col.histories = _read_histories(col.runs, finished, store, exp_id, client,
+                                            tracking_uri)
     finally:
         if store is not None:
             store.close()
     return col
+
+
+def _no_experiment(experiment: str, existing: list[str]) -> ReportError:
+    return ReportError(f"no experiment '{experiment}' (existing: "
+                       f"{', '.join(existing) if existing else 'none'})")
+
+
+def _bulk_runs(path: str, experiment: str) -> tuple[_SqliteStore, int, pd.DataFrame] | None:
+    """The experiment's runs read in bulk from a sqlite store: (the open store, the
+    experiment id, the runs frame); None when the queries do not fit the store (then
+    the MLflow client reads it).  Raises ReportError when there is no such experiment."""
+    try:
+        store = _SqliteStore(path)
+        found = store.experiment(experiment)
+        if found is None:
+            existing = store.experiment_names()
+            store.close()
+            raise _no_experiment(experiment, existing)
+        return store, found[0], store.runs(found[0])
+    except sqlite3.Error as exc:
+        log.info("bulk sqlite reading failed (%s): using the MLflow client", exc)
+        return None
+
+
+def _client_runs(experiment: str, tracking_uri: str) -> tuple[object, pd.DataFrame]:
+    """The experiment's runs through the MLflow client (``mlflow.search_runs``): (the
+    client, the runs frame).  Raises ReportError when there is no such experiment."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise _no_experiment(experiment, _existing_experiments(client))
+    prev_uri = mlflow.get_tracking_uri()
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        raw = mlflow.search_runs(experiment_ids=[exp.experiment_id],
+                                 output_format="pandas", max_results=100000)
+    finally:
+        mlflow.set_tracking_uri(prev_uri)
+    return client, raw
+
+
+def _read_histories(runs: pd.DataFrame, finished: pd.DataFrame, store: _SqliteStore | None,
+                    exp_id: int | None, client, tracking_uri: str) -> Histories:
+    """The metric histories of the reported runs: in one query from the sqlite store
+    when it was read in bulk, else (or when that query fails) through the MLflow client."""
+    if store is not None:
+        try:
+            return store.histories(exp_id, [str(r) for r in runs["run_id"]])
+        except sqlite3.Error as exc:
+            log.info("bulk sqlite history reading failed (%s)", exc)
+    if client is None:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(tracking_uri=tracking_uri)
+    return _histories(client, finished, runs)
 
 
 def _select(raw: pd.DataFrame, experiment: str, parent: str | None,
