@@ -256,71 +256,107 @@ _OVERCLAIM = ("better", "match", "reproduc")
 
 def _index_md(col: Collected, out: Path, written: dict[str, list[Path]], table1_md: str,
               blocks: list[tables.Block] | None = None) -> str:
+    """index.md: protocol, unfinished trials, table files, Table 1, what the Δ rows
+    support, the hand-written discussion, figures and the per-seed appendix."""
     lines = [f"# Report: {col.experiment}", ""]
     lines += ["## Protocol", ""] + protocol_lines(col) + [""]
-    missing = not_finished_lines(col)
-    if missing:
-        lines += ["## Trials not reported", "",
-                  "These trials of the parent run did not finish and are left out of every "
-                  "table and figure:", ""] + missing + [""]
-    if written["tables"]:
-        lines += ["## Tables", ""]
-        lines += [f"- [{p.name}]({p.name})" for p in written["tables"]] + [""]
-        if any(p.suffix == ".tex" for p in written["tables"]):
-            lines += ["LaTeX: `\\input{preamble.tex}` in the paper's preamble (booktabs, "
-                      "multirow, siunitx 3, graphicx), then `\\input{table1.tex}` where the "
-                      "table goes. Each table fits the text width of a 10-pt `article` "
-                      "(wide tables are split into stacked panels); the NQ − QCFS rows with "
-                      "their CIs and p-values are in `table1_delta.tex`.", ""]
+    lines += _not_reported_section(col)
+    lines += _tables_section(written["tables"])
     lines += ["## Table 1", "", table1_md.strip(), ""]
-    findings = tables.delta_findings(blocks or [])
-    n_sig = sum(1 for b in blocks or [] for r in b.rows if r.kind == "delta"
-                for c in r.cells.values() if c is not None and c.significant)
-    if findings:
-        lines += ["## NQ − QCFS: what the Δ rows support (generated)", "",
-                  "Generated from the Δ rows of Table 1. “Significant at 95%” means that the "
-                  "t-based 95% CI of the mean per-seed difference excludes 0 (paired t-test, "
-                  "unadjusted; the Holm result across the row's columns is given with it).", ""]
-        lines += findings + [""]
-    notes = out / "discussion.md"  # hand-written; kept across regenerations
-    if notes.exists():
-        text = notes.read_text().strip()
-        lines += ["## Discussion", "", text, "",
-                  "_Hand-written (`discussion.md`): not generated and not checked by "
-                  "`harness report`._"]
-        low = text.lower()
-        used = [w for w in _OVERCLAIM if w in low]
-        if used and n_sig == 0:
-            lines += ["", "_Caution: the discussion uses "
-                      + ", ".join(f"“{w}…”" for w in used) + " but no NQ − QCFS difference "
-                      "in Table 1 is significant at 95%._"]
-        lines += [""]
-    if written["figures"]:
-        lines += ["## Figures", "",
-                  "Every figure is written as PNG and as PDF (same name, `.pdf`)."
-                  + ("" if any(p.name.startswith("curves_") for p in written["figures"]) else
-                     " Per-trial figures (training curves, δ heatmaps and residual "
-                     "histograms of every trial): `harness report --per-trial`."), ""]
-        figs = sorted(written["figures"], key=lambda p: p.name)
-        for prefix, heading, inline, what in _FIG_SECTIONS:
-            sel = [p for p in figs if p.name.startswith(prefix)]
-            if not sel:
-                continue
-            lines += [f"### {heading}", ""]
-            if what:
-                lines += [what, ""]
-            lines += [f"- [{p.name}]({p.name})"
-                      + (f" ([PDF]({p.with_suffix('.pdf').name}))"
-                         if (out / p.with_suffix(".pdf").name).exists() else "")
-                      for p in sel] + [""]
-            if inline:
-                lines += [f"![{p.stem}]({p.name})" for p in sel] + [""]
-    if blocks:
-        lines += ["## Appendix: per-seed values", "",
-                  "Every finished trial of the parent run, then the per-seed NQ − QCFS "
-                  "differences behind the Δ rows.", "",
-                  tables.per_seed_tables(col.runs, blocks).strip(), ""]
+    lines += _findings_section(blocks or [])
+    lines += _discussion_section(out / "discussion.md", blocks or [])
+    lines += _figures_section(out, written["figures"])
+    lines += _appendix_section(col, blocks or [])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _not_reported_section(col: Collected) -> list[str]:
+    missing = not_finished_lines(col)
+    if not missing:
+        return []
+    return ["## Trials not reported", "",
+            "These trials of the parent run did not finish and are left out of every "
+            "table and figure:", ""] + missing + [""]
+
+
+def _tables_section(paths: list[Path]) -> list[str]:
+    if not paths:
+        return []
+    lines = ["## Tables", ""]
+    lines += [f"- [{p.name}]({p.name})" for p in paths] + [""]
+    if any(p.suffix == ".tex" for p in paths):
+        lines += ["LaTeX: `\\input{preamble.tex}` in the paper's preamble (booktabs, "
+                  "multirow, siunitx 3, graphicx), then `\\input{table1.tex}` where the "
+                  "table goes. Each table fits the text width of a 10-pt `article` "
+                  "(wide tables are split into stacked panels); the NQ − QCFS rows with "
+                  "their CIs and p-values are in `table1_delta.tex`.", ""]
+    return lines
+
+
+def _findings_section(blocks: list[tables.Block]) -> list[str]:
+    findings = tables.delta_findings(blocks)
+    if not findings:
+        return []
+    lines = ["## NQ − QCFS: what the Δ rows support (generated)", "",
+             "Generated from the Δ rows of Table 1. “Significant at 95%” means that the "
+             "t-based 95% CI of the mean per-seed difference excludes 0 (paired t-test, "
+             "unadjusted; the Holm result across the row's columns is given with it).", ""]
+    return lines + findings + [""]
+
+
+def _discussion_section(path: Path, blocks: list[tables.Block]) -> list[str]:
+    """The hand-written discussion.md (kept across regenerations), with a caution when
+    it claims more than the Δ rows support."""
+    if not path.exists():
+        return []
+    text = path.read_text().strip()
+    lines = ["## Discussion", "", text, "",
+             "_Hand-written (`discussion.md`): not generated and not checked by "
+             "`harness report`._"]
+    n_sig = sum(1 for b in blocks for r in b.rows if r.kind == "delta"
+                for c in r.cells.values() if c is not None and c.significant)
+    used = [w for w in _OVERCLAIM if w in text.lower()]
+    if used and n_sig == 0:
+        lines += ["", "_Caution: the discussion uses "
+                  + ", ".join(f"“{w}…”" for w in used) + " but no NQ − QCFS difference "
+                  "in Table 1 is significant at 95%._"]
+    return lines + [""]
+
+
+def _figures_section(out: Path, paths: list[Path]) -> list[str]:
+    """The figures by kind (:data:`_FIG_SECTIONS`): links to PNG and PDF, and the PNG
+    inline where the kind is shown inline."""
+    if not paths:
+        return []
+    lines = ["## Figures", "",
+             "Every figure is written as PNG and as PDF (same name, `.pdf`)."
+             + ("" if any(p.name.startswith("curves_") for p in paths) else
+                " Per-trial figures (training curves, δ heatmaps and residual "
+                "histograms of every trial): `harness report --per-trial`."), ""]
+    figs = sorted(paths, key=lambda p: p.name)
+    for prefix, heading, inline, what in _FIG_SECTIONS:
+        sel = [p for p in figs if p.name.startswith(prefix)]
+        if not sel:
+            continue
+        lines += [f"### {heading}", ""]
+        if what:
+            lines += [what, ""]
+        lines += [f"- [{p.name}]({p.name})"
+                  + (f" ([PDF]({p.with_suffix('.pdf').name}))"
+                     if (out / p.with_suffix(".pdf").name).exists() else "")
+                  for p in sel] + [""]
+        if inline:
+            lines += [f"![{p.stem}]({p.name})" for p in sel] + [""]
+    return lines
+
+
+def _appendix_section(col: Collected, blocks: list[tables.Block]) -> list[str]:
+    if not blocks:
+        return []
+    return ["## Appendix: per-seed values", "",
+            "Every finished trial of the parent run, then the per-seed NQ − QCFS "
+            "differences behind the Δ rows.", "",
+            tables.per_seed_tables(col.runs, blocks).strip(), ""]
 
 
 def run(experiment: str, tracking_uri: str | None = None, out: str | Path | None = None,
