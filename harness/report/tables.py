@@ -230,27 +230,11 @@ def _delta_rows(a_runs: pd.DataFrame, arch: str, settings_cols: list[str],
         return [], []
     pair_on = pair_settings(settings_cols)
     vcols = list(vmap.values())
-    base_seed = _per_seed(base, pair_on, vcols)
-    pub_delta: dict[str, float] = {}
-    if pub is not None and not pub.empty:
-        p_nq, p_base = _published_row(pub, DELTA_METHOD), _published_row(pub, BASE_METHOD)
-        if p_nq is not None and p_base is not None:
-            for disp, col in vmap.items():
-                a, b = p_nq.get(col, float("nan")), p_base.get(col, float("nan"))
-                if not (pd.isna(a) or pd.isna(b)):
-                    pub_delta[disp] = float(a) - float(b)
+    pub_delta = _published_delta(pub, vmap)
+    base_vals = _base_seed_values(base, pair_on, vcols)
+    by_group = _nq_seed_values(nq, settings_cols, vcols)
     rows, notes = [], []
     pairs: list[tuple[Row, np.ndarray, np.ndarray]] = []
-    # per-seed values as arrays, looked up by key (one groupby per method, not per group)
-    base_vals = {_as_tuple(i): v for i, v in zip(base_seed.index,
-                                                  base_seed.to_numpy(dtype=float))}
-    cols = [c for c in vcols if c in nq.columns]
-    per_nq = nq.groupby(settings_cols + ["seed"], dropna=False)[cols].mean() \
-        .reindex(columns=vcols)
-    by_group: dict[tuple, list[tuple[str, np.ndarray]]] = {}
-    for i, v in zip(per_nq.index, per_nq.to_numpy(dtype=float)):
-        i = _as_tuple(i)
-        by_group.setdefault(i[:-1], []).append((str(i[-1]), v))
     for gkey in sorted(by_group, key=lambda k: _group_key_order(k, settings_cols)):
         settings = dict(zip(settings_cols, gkey))
         pkey = tuple(settings[s] for s in pair_on)
@@ -263,13 +247,7 @@ def _delta_rows(a_runs: pd.DataFrame, arch: str, settings_cols: list[str],
                          "settings as the NQ runs.")
             continue
         partners = {k[0] for k in base_vals if k[1:] == pkey}   # QCFS seeds of the group
-        paired = {seed for seed, _ in common}
-        if len(common) < max(len(mine), len(partners)):
-            lone_nq = sorted({seed for seed, _ in mine} - paired, key=setting_sort_key)
-            lone_q = sorted(partners - paired, key=setting_sort_key)
-            notes.append(f"Δ {label}: {len(common)} seed pairs; unpaired seeds left out of "
-                         f"the Δ: NQ {', '.join(lone_nq) or 'none'}; QCFS "
-                         f"{', '.join(lone_q) or 'none'}.")
+        notes += _unpaired_notes(label, mine, common, partners)
         a = np.vstack([v for _, v in common])
         b = np.vstack([base_vals[(seed, *pkey)] for seed, _ in common])
         diff = pd.DataFrame(a - b, index=pd.Index([seed for seed, _ in common], name="seed"),
@@ -278,20 +256,78 @@ def _delta_rows(a_runs: pd.DataFrame, arch: str, settings_cols: list[str],
                   cells={}, published_delta=pub_delta, per_seed=diff)
         rows.append(row)
         pairs.append((row, a, b))
-    # the statistics of every cell of the arch's Δ rows in one batch (paired_stats_many)
-    if pairs:
-        xs = [a[:, j] for _, a, _ in pairs for j in range(len(vcols))]
-        ys = [b[:, j] for _, _, b in pairs for j in range(len(vcols))]
-        width = max(len(v) for v in xs)
-        pad = lambda v: np.concatenate([v, np.full(width - len(v), np.nan)])  # noqa: E731
-        stats_ = paired_stats_many(np.vstack([pad(v) for v in xs]),
-                                   np.vstack([pad(v) for v in ys]))
-        for k, (row, _, _) in enumerate(pairs):
-            cells = dict(zip(vmap, stats_[k * len(vcols):(k + 1) * len(vcols)]))
-            adj = holm([c.p if c is not None else None for c in cells.values()])
-            row.cells = {key: (None if c is None else _with(c, p_holm=q))
-                         for (key, c), q in zip(cells.items(), adj)}
+    _set_delta_cells(pairs, vmap)
     return rows, notes
+
+
+def _published_delta(pub: pd.DataFrame | None, vmap: dict[str, str]) -> dict[str, float]:
+    """The paper's NQ − QCFS per display column, where it publishes both."""
+    pub_delta: dict[str, float] = {}
+    if pub is None or pub.empty:
+        return pub_delta
+    p_nq, p_base = _published_row(pub, DELTA_METHOD), _published_row(pub, BASE_METHOD)
+    if p_nq is None or p_base is None:
+        return pub_delta
+    for disp, col in vmap.items():
+        a, b = p_nq.get(col, float("nan")), p_base.get(col, float("nan"))
+        if not (pd.isna(a) or pd.isna(b)):
+            pub_delta[disp] = float(a) - float(b)
+    return pub_delta
+
+
+def _base_seed_values(base: pd.DataFrame, pair_on: list[str],
+                      vcols: list[str]) -> dict[tuple, np.ndarray]:
+    """QCFS per-seed values by (seed, *paired settings), as arrays (one groupby for the
+    method, not one per group)."""
+    base_seed = _per_seed(base, pair_on, vcols)
+    return {_as_tuple(i): v for i, v in zip(base_seed.index, base_seed.to_numpy(dtype=float))}
+
+
+def _nq_seed_values(nq: pd.DataFrame, settings_cols: list[str],
+                    vcols: list[str]) -> dict[tuple, list[tuple[str, np.ndarray]]]:
+    """NQ per-seed values by group of settings: settings -> [(seed, values), ...]."""
+    cols = [c for c in vcols if c in nq.columns]
+    per_nq = nq.groupby(settings_cols + ["seed"], dropna=False)[cols].mean() \
+        .reindex(columns=vcols)
+    by_group: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+    for i, v in zip(per_nq.index, per_nq.to_numpy(dtype=float)):
+        i = _as_tuple(i)
+        by_group.setdefault(i[:-1], []).append((str(i[-1]), v))
+    return by_group
+
+
+def _unpaired_notes(label: str, mine: list[tuple[str, np.ndarray]],
+                    common: list[tuple[str, np.ndarray]], partners: set[str]) -> list[str]:
+    """A note naming the seeds of either method that have no partner (none if every
+    seed is paired)."""
+    paired = {seed for seed, _ in common}
+    if len(common) >= max(len(mine), len(partners)):
+        return []
+    lone_nq = sorted({seed for seed, _ in mine} - paired, key=setting_sort_key)
+    lone_q = sorted(partners - paired, key=setting_sort_key)
+    return [f"Δ {label}: {len(common)} seed pairs; unpaired seeds left out of "
+            f"the Δ: NQ {', '.join(lone_nq) or 'none'}; QCFS "
+            f"{', '.join(lone_q) or 'none'}."]
+
+
+def _set_delta_cells(pairs: list[tuple[Row, np.ndarray, np.ndarray]],
+                     vmap: dict[str, str]) -> None:
+    """The statistics of every cell of an arch's Δ rows, in one batch
+    (paired_stats_many), Holm-adjusted across each row's columns."""
+    if not pairs:
+        return
+    n = len(vmap)
+    xs = [a[:, j] for _, a, _ in pairs for j in range(n)]
+    ys = [b[:, j] for _, _, b in pairs for j in range(n)]
+    width = max(len(v) for v in xs)
+    pad = lambda v: np.concatenate([v, np.full(width - len(v), np.nan)])  # noqa: E731
+    stats_ = paired_stats_many(np.vstack([pad(v) for v in xs]),
+                               np.vstack([pad(v) for v in ys]))
+    for k, (row, _, _) in enumerate(pairs):
+        cells = dict(zip(vmap, stats_[k * n:(k + 1) * n]))
+        adj = holm([c.p if c is not None else None for c in cells.values()])
+        row.cells = {key: (None if c is None else _with(c, p_holm=q))
+                     for (key, c), q in zip(cells.items(), adj)}
 
 
 def _as_tuple(index_value) -> tuple:
