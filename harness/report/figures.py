@@ -533,7 +533,6 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
             h = ax.plot(ann.index, ann.values, color="tab:gray", marker="o", markersize=1.5,
                         label="ANN test accuracy (mean over the runs)")
             handles.setdefault("ann", h[0])
-            y_min = ann.min() if not ann.empty else np.nan
             if sel_key is not None:
                 m = _SNN_EPOCH_RE.match(sel_key)
                 snn = lp[lp["key"] == sel_key].groupby("step")["value"].mean()
@@ -542,7 +541,6 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
                             label=f"SNN {split} accuracy at T={int(m.group(2))}: the "
                                   "selection metric (mean)")
                 handles.setdefault("snn", h[0])
-                y_min = np.nanmin([y_min, snn.min()]) if not snn.empty else y_min
             lo, hi = ax.get_ylim()
             rug = lo - 0.02 * (hi - lo)
             rng = np.random.default_rng(0)
