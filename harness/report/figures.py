@@ -513,8 +513,7 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
     long = history_long(histories, runs["run_id"], r"^(ann/test_acc|snn/(val|test)_acc_T\d+)$")
     if long.empty:
         return None
-    panels = sorted(runs.groupby(["arch", "method"], sort=False).groups,
-                    key=lambda k: (arch_order(k[0]), method_order(k[1])))
+    panels = _selection_panels(runs, long, table)
     ncols = min(ncols, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     with plt.rc_context({**STYLE, "font.size": 5.5, "axes.titlesize": 5.5,
@@ -522,51 +521,13 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
         fig, axes = plt.subplots(nrows, ncols, figsize=(WIDTH, 2.0 * nrows + 0.8),
                                  squeeze=False, sharex=True)
         handles = {}
-        for ax, (arch, method) in zip(axes.flat, panels):
-            sub = runs[(runs["arch"] == arch) & (runs["method"] == method)]
-            ids = set(sub["run_id"].astype(str))
-            lp = long[long["run_id"].isin(ids)]
-            tp = table[table["run_id"].isin(ids)]
-            sel_keys = tp["sel_key"].dropna()
-            sel_key = sel_keys.mode().iloc[0] if not sel_keys.empty else None
-            ann = lp[lp["key"] == "ann/test_acc"].groupby("step")["value"].mean()
-            h = ax.plot(ann.index, ann.values, color="tab:gray", marker="o", markersize=1.5,
-                        label="ANN test accuracy (mean over the runs)")
-            handles.setdefault("ann", h[0])
-            if sel_key is not None:
-                m = _SNN_EPOCH_RE.match(sel_key)
-                snn = lp[lp["key"] == sel_key].groupby("step")["value"].mean()
-                split = "TEST" if m.group(1) == "test" else "val"
-                h = ax.plot(snn.index, snn.values, color="tab:red", marker="s", markersize=1.5,
-                            label=f"SNN {split} accuracy at T={int(m.group(2))}: the "
-                                  "selection metric (mean)")
-                handles.setdefault("snn", h[0])
-            lo, hi = ax.get_ylim()
-            rug = lo - 0.02 * (hi - lo)
-            rng = np.random.default_rng(0)
-            jit = lambda n: rng.uniform(-0.15, 0.15, n)  # noqa: E731
-            es, ea = tp["epoch_snn"].dropna().to_numpy(), tp["epoch_ann"].dropna().to_numpy()
-            h1 = ax.scatter(es + jit(len(es)), np.full(len(es), rug), marker="^", s=6,
-                            color="tab:red", alpha=0.6, linewidths=0,
-                            label="epoch the SNN criterion selected (one per run)")
-            h2 = ax.scatter(ea + jit(len(ea)), np.full(len(ea), rug - 0.05 * (hi - lo)),
-                            marker="v", s=6, color="tab:gray", alpha=0.6, linewidths=0,
-                            label="epoch of the best ANN val. accuracy (one per run)")
-            handles.setdefault("es", h1)
-            handles.setdefault("ea", h2)
-            ax.set_ylim(rug - 0.1 * (hi - lo), hi)
-            st = tp["snn_test"].dropna()
-            same = int((tp["epoch_ann"] == tp["epoch_snn"]).sum())
-            known = tp["snn_test_at_ann"].dropna()
-            stats_line = (f"SNN-selected: SNN test {st.mean():.1f}"
-                          + (f" ± {st.std():.1f}" if len(st) > 1 else "")
-                          + f"\nANN-selected: same epoch in {same}/{len(tp)}")
-            if len(known) > same:
-                stats_line += f"; SNN test {known.mean():.1f} (n={len(known)})"
+        for ax, (arch, method, sub, lp, tp) in zip(axes.flat, panels):
+            _selection_curves(ax, lp, tp, handles)
+            _selected_epochs(ax, tp, handles)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(_wrap(f"{arch_label(arch)}, {method} ({len(sub)} runs"
-                               f"{_pooled_note(sub)})\n{stats_line}", WIDTH / ncols, 4.5),
-                         fontsize=4.5)
+                               f"{_pooled_note(sub)})\n{_selection_summary(tp)}",
+                               WIDTH / ncols, 4.5), fontsize=4.5)
             ax.set_ylabel("accuracy (%)")
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
@@ -576,6 +537,73 @@ def selection(runs: pd.DataFrame, histories, path: Path, ncols: int = 2) -> Path
         fig.legend(list(handles.values()), [h.get_label() for h in handles.values()],
                    loc="lower center", ncol=1, frameon=False, fontsize=4.5)
         return _save(fig, path)
+
+
+def _selection_panels(runs: pd.DataFrame, long: pd.DataFrame,
+                      table: pd.DataFrame) -> list[tuple]:
+    """Per (arch, method), in report order: (arch, method, its runs, their per-epoch
+    metrics, their rows of :func:`selection_table`)."""
+    keys = sorted(runs.groupby(["arch", "method"], sort=False).groups,
+                  key=lambda k: (arch_order(k[0]), method_order(k[1])))
+    panels = []
+    for arch, method in keys:
+        sub = runs[(runs["arch"] == arch) & (runs["method"] == method)]
+        ids = set(sub["run_id"].astype(str))
+        panels.append((arch, method, sub, long[long["run_id"].isin(ids)],
+                       table[table["run_id"].isin(ids)]))
+    return panels
+
+
+def _selection_curves(ax, lp: pd.DataFrame, tp: pd.DataFrame, handles: dict) -> None:
+    """The mean over the runs per epoch of the ANN test accuracy and of the SNN
+    selection metric (the one most runs selected on)."""
+    sel_keys = tp["sel_key"].dropna()
+    sel_key = sel_keys.mode().iloc[0] if not sel_keys.empty else None
+    ann = lp[lp["key"] == "ann/test_acc"].groupby("step")["value"].mean()
+    h = ax.plot(ann.index, ann.values, color="tab:gray", marker="o", markersize=1.5,
+                label="ANN test accuracy (mean over the runs)")
+    handles.setdefault("ann", h[0])
+    if sel_key is not None:
+        m = _SNN_EPOCH_RE.match(sel_key)
+        snn = lp[lp["key"] == sel_key].groupby("step")["value"].mean()
+        split = "TEST" if m.group(1) == "test" else "val"
+        h = ax.plot(snn.index, snn.values, color="tab:red", marker="s", markersize=1.5,
+                    label=f"SNN {split} accuracy at T={int(m.group(2))}: the "
+                          "selection metric (mean)")
+        handles.setdefault("snn", h[0])
+
+
+def _selected_epochs(ax, tp: pd.DataFrame, handles: dict) -> None:
+    """Markers under the curves, one per run (jittered): the epoch the SNN criterion
+    selected (▲) and the epoch of the best ANN validation accuracy (▼)."""
+    lo, hi = ax.get_ylim()
+    rug = lo - 0.02 * (hi - lo)
+    rng = np.random.default_rng(0)
+    jit = lambda n: rng.uniform(-0.15, 0.15, n)  # noqa: E731
+    es, ea = tp["epoch_snn"].dropna().to_numpy(), tp["epoch_ann"].dropna().to_numpy()
+    h1 = ax.scatter(es + jit(len(es)), np.full(len(es), rug), marker="^", s=6,
+                    color="tab:red", alpha=0.6, linewidths=0,
+                    label="epoch the SNN criterion selected (one per run)")
+    h2 = ax.scatter(ea + jit(len(ea)), np.full(len(ea), rug - 0.05 * (hi - lo)),
+                    marker="v", s=6, color="tab:gray", alpha=0.6, linewidths=0,
+                    label="epoch of the best ANN val. accuracy (one per run)")
+    handles.setdefault("es", h1)
+    handles.setdefault("ea", h2)
+    ax.set_ylim(rug - 0.1 * (hi - lo), hi)
+
+
+def _selection_summary(tp: pd.DataFrame) -> str:
+    """The SNN test accuracy of the SNN-selected models, and how often the ANN
+    criterion picks the same epoch (with its SNN test accuracy where known)."""
+    st = tp["snn_test"].dropna()
+    same = int((tp["epoch_ann"] == tp["epoch_snn"]).sum())
+    known = tp["snn_test_at_ann"].dropna()
+    text = (f"SNN-selected: SNN test {st.mean():.1f}"
+            + (f" ± {st.std():.1f}" if len(st) > 1 else "")
+            + f"\nANN-selected: same epoch in {same}/{len(tp)}")
+    if len(known) > same:
+        text += f"; SNN test {known.mean():.1f} (n={len(known)})"
+    return text
 
 
 # ---------------------------------------------------------------- δ per group
