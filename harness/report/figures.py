@@ -701,6 +701,36 @@ def residual_overlay(datas: dict[str, dict[str, list[dict]]], title: str, path: 
     per unit of residual/λ on a log scale; one row per architecture (``datas``: arch ->
     method -> the runs' residual_hist.json), at most ``ncols`` layers per row, evenly
     spaced from the first to the last."""
+    rows = _overlay_rows(datas, residual, ncols)
+    if not rows:
+        return None
+    ncols = max(len(r[4]) for r in rows)
+    nrows = len(rows)
+    height = 1.15 * nrows + 0.8
+    with plt.rc_context({**STYLE, "font.size": 5, "axes.titlesize": 5, "xtick.labelsize": 4.5,
+                         "ytick.labelsize": 4.5, "legend.fontsize": 5}):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(2 * WIDTH, height), squeeze=False,
+                                 sharey="row")
+        handles: dict[str, object] = {}
+        for (arch, pooled, edges, layers, shown), row in zip(rows, axes):
+            _overlay_row(row, arch, pooled, edges, layers, shown, handles)
+        for ax in axes[-1, :]:
+            ax.set_xlabel("residual / λ", fontsize=4.5)
+        fig.suptitle(_wrap(f"{title}: residual / λ per layer ({ncols} layers per "
+                           "architecture, evenly spaced), QCFS and NQ overlaid; each pooled "
+                           "over its runs (counts summed); σ of the pooled histogram",
+                           2 * WIDTH, 5.5), fontsize=5.5)
+        _fixed_layout(fig, nrows, ncols, left=0.6, top=0.35, bottom=0.45, wspace=0.12,
+                      hspace=0.35)
+        fig.legend(list(handles.values()), list(handles), loc="lower center",
+                   ncol=len(handles), frameon=False)
+        return _save(fig, path)
+
+
+def _overlay_rows(datas: dict[str, dict[str, list[dict]]], residual: str | None,
+                  ncols: int) -> list[tuple]:
+    """Per architecture with a histogram: (arch, method -> pooled histogram, edges,
+    layer names, the indices of the at most ``ncols`` layers shown)."""
     rows = []
     for arch, by_method in datas.items():
         pooled = {m: pooled_residual_hist(by_method.get(m, []), residual)
@@ -715,63 +745,60 @@ def residual_overlay(datas: dict[str, dict[str, list[dict]]], title: str, path: 
         n = len(layers)
         shown = sorted(set(np.linspace(0, n - 1, min(n, ncols)).round().astype(int)))
         rows.append((arch, pooled, edges, layers, shown))
-    if not rows:
-        return None
-    ncols = max(len(r[4]) for r in rows)
-    nrows = len(rows)
-    height = 1.15 * nrows + 0.8
-    with plt.rc_context({**STYLE, "font.size": 5, "axes.titlesize": 5, "xtick.labelsize": 4.5,
-                         "ytick.labelsize": 4.5, "legend.fontsize": 5}):
-        fig, axes = plt.subplots(nrows, ncols, figsize=(2 * WIDTH, height), squeeze=False,
-                                 sharey="row")
-        handles: dict[str, object] = {}
-        for (arch, pooled, edges, layers, shown), row in zip(rows, axes):
-            widths = np.diff(edges)
-            centers = (edges[:-1] + edges[1:]) / 2
-            dens_all = np.concatenate([(v[2][li] / max(v[2][li].sum(), 1) / widths)
-                                       for v in pooled.values() for li in shown])
-            pos = dens_all[dens_all > 0]
-            narrow = pos.size == 0 or pos.max() / pos.min() < 1e3   # < 3 decades: 1-2-5
-            for ax, li in zip(row, shown):
-                for k, (m, (_, _, counts, used)) in enumerate(pooled.items()):
-                    c = counts[li]
-                    tot = c.sum()
-                    if not tot:
-                        continue
-                    dens = c / (tot * widths)
-                    h = ax.stairs(np.where(dens > 0, dens, np.nan), edges, color=_color(m),
-                                  linewidth=0.7, label=m)
-                    handles.setdefault(m, h)
-                    mu = float((c * centers).sum() / tot)
-                    sd = math.sqrt(max(0.0, float((c * centers ** 2).sum() / tot) - mu ** 2))
-                    ax.text(0.97, 0.95 - 0.14 * k, f"σ={sd:.2f}", transform=ax.transAxes,
-                            ha="right", va="top", color=_color(m), fontsize=4.5)
-                ax.set_yscale("log")
-                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if narrow else (1.0,),
-                                                      numticks=8))
-                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                ax.yaxis.set_minor_locator(NullLocator())
-                ax.set_xticks([-1, 0, 1] if edges[0] <= -1 and edges[-1] >= 1 else
-                              [edges[0], 0, edges[-1]])
-                ax.axvline(0, color="k", linewidth=0.3)
-                ax.set_title(f"{layers[li]}", pad=1.5)
-                ax.tick_params(length=1.5, pad=1)
-            for ax in row[len(shown):]:
-                ax.axis("off")
-            runs_txt = ", ".join(f"{m}: {v[3]} runs" for m, v in pooled.items())
-            row[0].set_ylabel(f"{arch_label(arch)}\n({runs_txt})\ndensity per unit",
-                              fontsize=4.5)
-        for ax in axes[-1, :]:
-            ax.set_xlabel("residual / λ", fontsize=4.5)
-        fig.suptitle(_wrap(f"{title}: residual / λ per layer ({ncols} layers per "
-                           "architecture, evenly spaced), QCFS and NQ overlaid; each pooled "
-                           "over its runs (counts summed); σ of the pooled histogram",
-                           2 * WIDTH, 5.5), fontsize=5.5)
-        _fixed_layout(fig, nrows, ncols, left=0.6, top=0.35, bottom=0.45, wspace=0.12,
-                      hspace=0.35)
-        fig.legend(list(handles.values()), list(handles), loc="lower center",
-                   ncol=len(handles), frameon=False)
-        return _save(fig, path)
+    return rows
+
+
+def _overlay_row(row, arch: str, pooled: dict, edges: np.ndarray, layers: list[str],
+                 shown: list[int], handles: dict) -> None:
+    """One architecture: a panel per shown layer, the unused panels off, and the
+    row's label (the architecture and its runs per method)."""
+    narrow = _narrow_density(pooled, shown, edges)
+    for ax, li in zip(row, shown):
+        _overlay_layer(ax, pooled, li, edges, narrow, handles)
+        ax.set_title(f"{layers[li]}", pad=1.5)
+    for ax in row[len(shown):]:
+        ax.axis("off")
+    runs_txt = ", ".join(f"{m}: {v[3]} runs" for m, v in pooled.items())
+    row[0].set_ylabel(f"{arch_label(arch)}\n({runs_txt})\ndensity per unit", fontsize=4.5)
+
+
+def _narrow_density(pooled: dict, shown: list[int], edges: np.ndarray) -> bool:
+    """Whether the positive densities of a row's panels span less than 3 decades (then
+    the log axis is labelled 1-2-5)."""
+    widths = np.diff(edges)
+    dens_all = np.concatenate([(v[2][li] / max(v[2][li].sum(), 1) / widths)
+                               for v in pooled.values() for li in shown])
+    pos = dens_all[dens_all > 0]
+    return pos.size == 0 or pos.max() / pos.min() < 1e3
+
+
+def _overlay_layer(ax, pooled: dict, li: int, edges: np.ndarray, narrow: bool,
+                   handles: dict) -> None:
+    """One layer: each method's pooled histogram as a density (log scale), with its σ."""
+    widths = np.diff(edges)
+    centers = (edges[:-1] + edges[1:]) / 2
+    for k, (m, (_, _, counts, _)) in enumerate(pooled.items()):
+        c = counts[li]
+        tot = c.sum()
+        if not tot:
+            continue
+        dens = c / (tot * widths)
+        h = ax.stairs(np.where(dens > 0, dens, np.nan), edges, color=_color(m),
+                      linewidth=0.7, label=m)
+        handles.setdefault(m, h)
+        mu = float((c * centers).sum() / tot)
+        sd = math.sqrt(max(0.0, float((c * centers ** 2).sum() / tot) - mu ** 2))
+        ax.text(0.97, 0.95 - 0.14 * k, f"σ={sd:.2f}", transform=ax.transAxes,
+                ha="right", va="top", color=_color(m), fontsize=4.5)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if narrow else (1.0,),
+                                          numticks=8))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_xticks([-1, 0, 1] if edges[0] <= -1 and edges[-1] >= 1 else
+                  [edges[0], 0, edges[-1]])
+    ax.axvline(0, color="k", linewidth=0.3)
+    ax.tick_params(length=1.5, pad=1)
 
 
 # ---------------------------------------------------------------- ablations
