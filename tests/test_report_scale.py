@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 # the module (harness.report exports a function of the same name)
 collect_mod = importlib.import_module("harness.report.collect")
+from harness.report import tables  # noqa: E402
 from harness.cli import main as _harness_main  # noqa: E402
 
 
