@@ -7,7 +7,8 @@ checkpoint. This callback, in the driver process, is the store's only writer:
     on_trial_start     find the trial's child run (a retry or --resume continues it) or create it
     on_trial_result    params (first report after a start), node tags, the epoch's metrics
                        (an epoch already logged keeps its first values)
-    on_trial_complete  final metrics and artifacts from the final checkpoint; FINISHED
+    on_trial_complete  final metrics and artifacts from the final checkpoint; FINISHED (KILLED
+                       when the scheduler stopped the trial early: no final report)
     on_trial_error     FAILED (after Tune's last retry)
 
 A run still RUNNING when the sweep ends is closed by the driver (KILLED on an interrupt).
@@ -70,6 +71,11 @@ class MlflowLogger(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         rid = self._run(trial)
+        if not (trial.last_result or {}).get("final"):
+            # Tune also completes a trial that its scheduler (ASHA) stopped early: it has no
+            # final results, and it did not fail
+            tracking.set_status(self.client, rid, "KILLED")
+            return
         ckpt = trial.checkpoint
         try:
             if ckpt is None:
