@@ -185,7 +185,10 @@ def _init_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, runtime_env={"env_vars": _worker_env()}, **kw)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, **kw)
+        # "local": a new Ray of this process. Without it ray.init() joins the cluster last
+        # started on this machine (`ray start`, /tmp/ray/ray_current_cluster) and then
+        # refuses num_cpus with a traceback.
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, **kw)
     for name in ("ray", "ray.tune", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
     return True
