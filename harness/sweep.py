@@ -323,7 +323,7 @@ def fit(plan: Plan, trainable: Callable, sweep_cfg: dict, callbacks: list):
         trainable, param_space=space.param_space(sweep_cfg),
         tune_config=tune.TuneConfig(scheduler=_scheduler(space), search_alg=_search_alg(space),
                                     num_samples=space.num_samples, max_concurrent_trials=space.resources.max_concurrent,
-                                    reuse_actors=False, trial_name_creator=_tune_trial_name,
+                                    reuse_actors=True, trial_name_creator=_tune_trial_name,
                                     trial_dirname_creator=_tune_trial_dirname),
         run_config=run_config)
     return tuner.fit()
