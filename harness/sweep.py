@@ -422,7 +422,7 @@ def summarise(plan: Plan, grid, client, exp_id: str, parent_id: str, actor, wall
     if o.finished:
         tracking.summarise_parent(client, exp_id, parent_id, plan.space.label_keys)
     tracking.set_status(client, parent_id, o.status)
-    resume = f"harness sweep {plan.opts.space_file} --name {plan.name} --resume"
+    resume = _resume_command(plan)
     counts = (f"{o.finished} finished, " + (f"{o.stopped} stopped early by {plan.space.scheduler.name.upper()}, "
                                             if o.stopped else "")
               + f"{o.failed} failed, {o.unfinished} not finished, of {plan.space.n_trials}")
@@ -441,6 +441,23 @@ def summarise(plan: Plan, grid, client, exp_id: str, parent_id: str, actor, wall
         print(f"next: harness report --experiment {plan.name}"
               + (f" --tracking-uri {plan.uri}" if plan.uri != tracking.default_tracking_uri() else ""))
     return o.exit_code
+
+
+def _resume_command(plan: Plan) -> str:
+    """The command that continues this sweep: the same store, storage, cluster and --set
+    overrides (--resume refuses a space that differs, and finds nothing elsewhere)."""
+    import shlex
+    o = plan.opts
+    parts = ["harness", "sweep", o.space_file, "--name", plan.name]
+    if o.tracking_uri:
+        parts += ["--tracking-uri", plan.uri]
+    if o.storage_path:
+        parts += ["--storage-path", plan.storage.location]
+    if o.address:
+        parts += ["--address", o.address]
+    for override in o.overrides:
+        parts += ["--set", override]
+    return " ".join(shlex.quote(p) for p in parts) + " --resume"
 
 
 def _close_children(client, exp_id: str, parent_id: str, status: str) -> None:
