@@ -185,7 +185,10 @@ def _init_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, runtime_env={"env_vars": _worker_env()}, **kw)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, **kw)
+        # "local": a new Ray of this process. Without it ray.init() joins the cluster last
+        # started on this machine (`ray start`, /tmp/ray/ray_current_cluster) and then
+        # refuses num_cpus with a traceback.
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, **kw)
     for name in ("ray", "ray.tune", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR)
     return True
@@ -320,7 +323,7 @@ def fit(plan: Plan, trainable: Callable, sweep_cfg: dict, callbacks: list):
         trainable, param_space=space.param_space(sweep_cfg),
         tune_config=tune.TuneConfig(scheduler=_scheduler(space), search_alg=_search_alg(space),
                                     num_samples=space.num_samples, max_concurrent_trials=space.resources.max_concurrent,
-                                    reuse_actors=False, trial_name_creator=_tune_trial_name,
+                                    reuse_actors=True, trial_name_creator=_tune_trial_name,
                                     trial_dirname_creator=_tune_trial_dirname),
         run_config=run_config)
     return tuner.fit()
@@ -371,6 +374,7 @@ class Outcome:
     finished: int
     failed: int
     unfinished: int  # never started, or stopped by the interrupt
+    stopped: int = 0  # stopped early by the scheduler (ASHA): an outcome of the search, not a failure
 
     @property
     def status(self) -> str:
@@ -382,10 +386,26 @@ class Outcome:
 
 
 def outcome(grid, n_trials: int) -> Outcome:
-    """Counted from Tune's own trial statuses (TERMINATED, ERROR), never from errors alone:
-    an interrupted trial has no error but did not finish."""
-    finished, failed = grid.num_terminated, grid.num_errors
-    return Outcome(finished, failed, n_trials - finished - failed)
+    """Counted from Tune's own result grid, trial by trial (its status and last result),
+    never from errors alone.
+
+    Tune marks a trial TERMINATED in three cases: it returned (its last report is the
+    trainable's `final` one), the scheduler stopped it (Tune sets `done` on its last
+    result), or the sweep was interrupted while it ran (Tune's clean-up after Ctrl-C stops
+    it without a `done` result). Only the first is finished; the last is not. ERROR is
+    failed (after its retries); PENDING, PAUSED, RUNNING and trials never created (a
+    searcher's) are not finished."""
+    from ray.tune.experiment import Trial
+    finished = failed = stopped = 0
+    for t in grid._experiment_analysis.trials:  # what ResultGrid.num_terminated / num_errors count
+        last = t.last_result or {}
+        if t.status == Trial.ERROR:
+            failed += 1
+        elif t.status == Trial.TERMINATED and last.get("final"):
+            finished += 1
+        elif t.status == Trial.TERMINATED and last.get("done"):
+            stopped += 1
+    return Outcome(finished, failed, n_trials - finished - failed - stopped, stopped)
 
 
 def summarise(plan: Plan, grid, client, exp_id: str, parent_id: str, actor, wall_s: float) -> int:
@@ -402,12 +422,16 @@ def summarise(plan: Plan, grid, client, exp_id: str, parent_id: str, actor, wall
     if o.finished:
         tracking.summarise_parent(client, exp_id, parent_id, plan.space.label_keys)
     tracking.set_status(client, parent_id, o.status)
-    resume = f"harness sweep {plan.opts.space_file} --name {plan.name} --resume"
-    counts = f"{o.finished} finished, {o.failed} failed, {o.unfinished} not finished, of {plan.space.n_trials}"
+    resume = _resume_command(plan)
+    counts = (f"{o.finished} finished, " + (f"{o.stopped} stopped early by {plan.space.scheduler.name.upper()}, "
+                                            if o.stopped else "")
+              + f"{o.failed} failed, {o.unfinished} not finished, of {plan.space.n_trials}")
     if o.unfinished:
         print(f"\nsweep {plan.name}: INTERRUPTED after {wall_s:.0f} s: {counts}; `{resume}` continues it")
     elif o.failed:
         print(f"\nsweep {plan.name}: FAILED after {wall_s:.0f} s: {counts}; `{resume}` retries the failed trials")
+    elif o.stopped:
+        print(f"\nsweep {plan.name}: done in {wall_s:.0f} s: {counts}")
     else:
         print(f"\nsweep {plan.name}: {o.finished}/{plan.space.n_trials} trials finished in {wall_s:.0f} s")
     db = tracking.db_path(plan.uri)
@@ -417,6 +441,23 @@ def summarise(plan: Plan, grid, client, exp_id: str, parent_id: str, actor, wall
         print(f"next: harness report --experiment {plan.name}"
               + (f" --tracking-uri {plan.uri}" if plan.uri != tracking.default_tracking_uri() else ""))
     return o.exit_code
+
+
+def _resume_command(plan: Plan) -> str:
+    """The command that continues this sweep: the same store, storage, cluster and --set
+    overrides (--resume refuses a space that differs, and finds nothing elsewhere)."""
+    import shlex
+    o = plan.opts
+    parts = ["harness", "sweep", o.space_file, "--name", plan.name]
+    if o.tracking_uri:
+        parts += ["--tracking-uri", plan.uri]
+    if o.storage_path:
+        parts += ["--storage-path", plan.storage.location]
+    if o.address:
+        parts += ["--address", o.address]
+    for override in o.overrides:
+        parts += ["--set", override]
+    return " ".join(shlex.quote(p) for p in parts) + " --resume"
 
 
 def _close_children(client, exp_id: str, parent_id: str, status: str) -> None:

@@ -299,6 +299,22 @@ def layer_names(c, run_id: str) -> list[str]:
     return retry(lambda: c.get_run(run_id)).data.params["layers"].split(",")
 
 
+def planned_params(cfg) -> dict[str, str]:
+    """The params a trial's config fixes before the trial starts: every key it sets (the
+    keys left null are resolved by the trial from its data; `trial_params` logs them with
+    the rest, and the values here are the same strings)."""
+    return {k: str(v) for k, v in cfg.flat().items() if v is not None}
+
+
+def log_planned_params(c, run_id: str, cfg) -> None:
+    """`planned_params` on a new child run, so that a trial stopped before its first report
+    still says what it was (dataset, model, method, seed, ...)."""
+    from mlflow.entities import Param
+    params = [Param(k, v[:MAX_PARAM_CHARS]) for k, v in sorted(planned_params(cfg).items())]
+    for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+        retry(lambda: c.log_batch(run_id, params=params[i:i + MAX_PARAMS_PER_BATCH]))
+
+
 def trial_params(info: Mapping[str, Any]) -> dict[str, str]:
     """MLflow params of a trial from `train.run`'s on_start info: the resolved config
     (dotted keys) and the calibration set (calib.*)."""

@@ -5,9 +5,12 @@ the resolved config and their node) to Tune, and their final files through the l
 checkpoint. This callback, in the driver process, is the store's only writer:
 
     on_trial_start     find the trial's child run (a retry or --resume continues it) or create it
+                       with the params its config fixes (a trial stopped before its first
+                       report still says what it was)
     on_trial_result    params (first report after a start), node tags, the epoch's metrics
                        (an epoch already logged keeps its first values)
-    on_trial_complete  final metrics and artifacts from the final checkpoint; FINISHED
+    on_trial_complete  final metrics and artifacts from the final checkpoint; FINISHED (KILLED
+                       when the scheduler stopped the trial early: no final report)
     on_trial_error     FAILED (after Tune's last retry)
 
 A run still RUNNING when the sweep ends is closed by the driver (KILLED on an interrupt).
@@ -45,9 +48,11 @@ class MlflowLogger(Callback):
     def _run(self, trial) -> str:
         rid = self.runs.get(trial.trial_id)
         if rid is None:
-            label, method = _label_and_method(trial)
-            rid, logged = tracking.open_child(self.client, self.exp_id, self.parent_id, label, method,
+            label, cfg = _label_and_config(trial)
+            rid, logged = tracking.open_child(self.client, self.exp_id, self.parent_id, label, cfg.method,
                                               tags={"harness.tune_trial_id": trial.trial_id})
+            if not logged:  # the trial reports its resolved config with its first epoch
+                tracking.log_planned_params(self.client, rid, cfg)
             self.runs[trial.trial_id], self.logged[rid] = rid, logged
         return rid
 
@@ -70,6 +75,11 @@ class MlflowLogger(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         rid = self._run(trial)
+        if not (trial.last_result or {}).get("final"):
+            # Tune also completes a trial that its scheduler (ASHA) stopped early: it has no
+            # final results, and it did not fail
+            tracking.set_status(self.client, rid, "KILLED")
+            return
         ckpt = trial.checkpoint
         try:
             if ckpt is None:
@@ -88,8 +98,12 @@ class MlflowLogger(Callback):
         tracking.set_status(self.client, self._run(trial), "FAILED")
 
 
-def _label_and_method(trial) -> tuple[str, str]:
+def _label_and_config(trial):
+    """(label, config) of a trial, as train_trial builds them (its CPUs as train.threads)."""
     from .space import trial_config, trial_label
     sp = trial.config["space"]
     cfg = trial_config(sp["base"], trial.config["axes"], sp["overrides"], sp["dir"])
-    return trial_label(trial.config["axes"], sp["label_keys"]), cfg.method
+    threads = trial.config.get("sweep", {}).get("threads")
+    if threads is not None:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"threads": threads})})
+    return trial_label(trial.config["axes"], sp["label_keys"]), cfg

@@ -50,6 +50,32 @@ def one_line_error(capsys, argv, code):
     ({"model": {"arch": "cnn_small", "L": 0}}, "config error: model.L = 0 (expected an integer >= 1)"),
     ({"resources": {"cpu": 1, "gpus": 1}}, "config error: unknown key resources.gpus"),
     ({"scheduler": {"name": "pbt"}}, "config error: scheduler.name = 'pbt' (expected one of: fifo, asha)"),
+    ({"scheduler": {"name": "asha", "metric": "val_loss"}},
+     "config error: scheduler.metric = 'val_loss' (expected one of: snn_sel_acc, ann_test_acc, train_loss)"),
+    # samplers: every one is checked at its bounds / choices before Ray starts
+    ({"sample": {"train.lr": {"loguniform": [0, 0.1]}}},
+     "config error: sample.train.lr.loguniform = [0.0, 0.1] (expected [low, high] with 0 < low < high)"),
+    ({"sample": {"train.lr": {"uniform": [0.2, 0.1]}}},
+     "config error: sample.train.lr.uniform = [0.2, 0.1] (expected [low, high] with low < high)"),
+    ({"sample": {"train.lr": {"uniform": [0.1, 0.2], "choice": [1]}}},
+     "config error: sample.train.lr = {'uniform': [0.1, 0.2], 'choice': [1]} (expected exactly one of: choice, "
+     "uniform, loguniform, randint)"),
+    ({"sample": {"train.lr": {"normal": [0.0, 1.0]}}}, "config error: unknown key sample.train.lr.normal"),
+    ({"sample": {"noise.mode": {"choice": ["qcfs"]}}},
+     "config error: sample.noise.mode is also a grid axis (expected each key in grid or sample, not both)"),
+    ({"sample": {"model.depth": {"choice": [1, 2]}}},
+     "config error: unknown key sample.model.depth (accepted: arch, L, lam_init, grad)"),
+    ({"sample": {"model.L": {"randint": [0, 4]}}}, "config error: sample.model.L = 0 (expected an integer >= 1)"),
+    ({"sample": {"noise.tau": {"choice": [4, -1]}}}, "config error: sample.noise.tau = -1"),
+    ({"grid": {}, "sample": {"train.seed": {"randint": [0, 3]}}},
+     "config error: sample.train.seed changes the calibration images from trial to trial"),
+    ({"grid": {}, "sample": {"train.lr": {"loguniform": [0.01, 0.1]}}, "num_samples": 0},
+     "config error: num_samples = 0 (expected an integer >= 1)"),
+    ({"sample": {"train.lr": {"loguniform": [0.01, 0.1]}}, "search": {"algorithm": "optuna"}},
+     "config error: search.algorithm = 'optuna' with grid axes (noise.mode): Optuna cannot expand a grid"),
+    ({"grid": {}, "search": {"algorithm": "optuna"}},
+     "config error: search.algorithm = 'optuna' needs at least one sample axis"),
+    ({"search": {"algorithm": "hyperopt"}}, "config error: search.algorithm = 'hyperopt' (expected one of: random, optuna)"),
 ])
 def test_invalid_space_is_one_line(tmp_path, capsys, changes, expected):
     p = write_space(tmp_path, "bad", **changes)
@@ -95,7 +121,7 @@ def ray_local(tmp_path_factory):
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              runtime_env={"env_vars": {k: os.environ[k] for k in ("TORCHINDUCTOR_CACHE_DIR", "HARNESS_CACHE")
                                        if k in os.environ}})
     root = tmp_path_factory.mktemp("sweeps")
@@ -137,6 +163,13 @@ def check_child(c, run, epochs=EPOCHS):
     return json.loads(Path(c.download_artifacts(run.info.run_id, "result.json")).read_text())
 
 
+def tune_trials(env, name) -> dict:
+    """Tune's own record of the sweep's trials (from its experiment state): label -> Trial."""
+    from ray.tune import ExperimentAnalysis
+    trials = ExperimentAnalysis(str(Path(env["storage"]) / name)).trials
+    return {t.last_result["label"]: t for t in trials}
+
+
 def run_space(env, space, trainable=None, resume=False) -> int:
     import ray.cloudpickle
 
@@ -154,6 +187,15 @@ def test_sweep_actor_mlflow_and_retried_trial(ray_local, capsys, tmp_path):
     space = write_space(env["root"], "actor2")
     assert run_space(env, space, faults.die_once_after("mode=qcfs", 1, str(tmp_path))) == 0
     assert len(list(tmp_path.glob("died_mode=qcfs"))) == 1  # the worker really died once
+    # ... and Tune really retried it from its epoch-1 checkpoint: one failure, and after the
+    # restore it reported epoch 2 and the final report only (3 reports in all)
+    trials = tune_trials(env, "actor2")
+    retried, other = trials["mode=qcfs"], trials["mode=layerwise"]
+    assert (retried.status, retried.run_metadata.num_failures) == ("TERMINATED", 1)
+    assert (retried.last_result["training_iteration"], retried.last_result["iterations_since_restore"]) == \
+        (EPOCHS + 1, EPOCHS)
+    assert (other.status, other.run_metadata.num_failures) == ("TERMINATED", 0)
+    assert other.last_result["iterations_since_restore"] == EPOCHS + 1
     out = capsys.readouterr().out
     assert "harness report --experiment actor2" in out and "2/2 trials finished" in out
     c, parents, children = runs_of(env, "actor2")
@@ -171,11 +213,14 @@ def test_sweep_actor_mlflow_and_retried_trial(ray_local, capsys, tmp_path):
     assert sorted(hist) == ["mode=layerwise", "mode=qcfs"]
     for trial, res in results.items():
         per_epoch = [h for h in hist[trial] if h["epoch"] is not None]
-        assert [h["epoch"] for h in per_epoch] == list(range(1, EPOCHS + 1))
-        for h, rec in zip(per_epoch, res["history"]):
+        assert [h["epoch"] for h in per_epoch] == [r["epoch"] for r in res["history"]] == list(range(1, EPOCHS + 1))
+        for h, rec in zip(per_epoch, res["history"], strict=True):
             assert h["std"]["end_to_end"] == pytest.approx(rec["residual_std"], abs=1e-12)
-            if trial == "mode=layerwise":  # the model's delta buffers are float32
-                assert h["delta"]["end_to_end"] == pytest.approx(rec["delta_next"], rel=1e-6, abs=1e-9)
+    # NQ trains with the actor's delta (the model's delta buffers are float32); QCFS with none
+    for h, rec in zip([h for h in hist["mode=layerwise"] if h["epoch"] is not None],
+                      results["mode=layerwise"]["history"], strict=True):
+        assert h["delta"]["end_to_end"] == pytest.approx(rec["delta_next"], rel=1e-6, abs=1e-9)
+    assert all(d == 0.0 for rec in results["mode=qcfs"]["history"] for d in rec["delta_next"])
 
     # a second start of the same sweep must say --resume
     capsys.readouterr()
@@ -202,6 +247,9 @@ def test_failed_sweep_is_reported_and_resumes(ray_local, capsys, tmp_path):
     mtime = done.stat().st_mtime_ns
 
     assert run_space(env, space, resume=True) == 0
+    trials = tune_trials(env, "resume2")  # the failed trial continued from its epoch-1 checkpoint
+    assert trials["mode=qcfs"].last_result["iterations_since_restore"] == EPOCHS
+    assert trials["mode=layerwise"].last_result["final"] and trials["mode=layerwise"].status == "TERMINATED"
     c, parents, children = runs_of(env, "resume2")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 2
@@ -220,3 +268,77 @@ def test_impossible_resources(ray_local, capsys):
     err = one_line_error(capsys, ["sweep", str(space), "--tracking-uri", env["uri"],
                                   "--storage-path", env["storage"]], 2)
     assert err == "sweep error: resources.cpu = 3 per trial, but the cluster has 2 CPU"
+
+
+# ---------------------------------------------------------------- Tune search: samplers, Optuna, ASHA
+
+def child_status(children) -> dict:
+    return {r.data.tags["harness.trial"]: r.info.status for r in children}
+
+
+@pytest.mark.slow
+def test_sampled_sweep_records_the_draws(ray_local, capsys):
+    """3 samples of train.lr (loguniform), 1 epoch: each child run records its draw as the
+    train.lr param, under the label made from it, and Tune's config holds the same value."""
+    from harness.space import trial_label
+    env = ray_local
+    space = write_space(env["root"], "sampled3", grid={}, sample={"train.lr": {"loguniform": [0.01, 0.2]}},
+                        num_samples=3, train={"epochs": 1, "lr": 0.1})
+    assert run_space(env, space) == 0
+    assert "3/3 trials finished" in capsys.readouterr().out
+    c, parents, children = runs_of(env, "sampled3")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 3
+    lrs = sorted(float(r.data.params["train.lr"]) for r in children)
+    assert len(set(lrs)) == 3 and all(0.01 <= lr <= 0.2 for lr in lrs)
+    for r in children:
+        lr = float(r.data.params["train.lr"])
+        assert r.data.tags["harness.trial"] == trial_label({"train.lr": lr}, ["train.lr"])
+        check_child(c, r, epochs=1)
+    assert sorted(t.config["axes"]["train.lr"] for t in tune_trials(env, "sampled3").values()) == lrs
+
+
+@pytest.mark.slow
+def test_optuna_sweep(ray_local, capsys):
+    """search.algorithm optuna (Tune's OptunaSearch) over a sampled train.lr, 2 trials."""
+    pytest.importorskip("optuna")
+    env = ray_local
+    space = write_space(env["root"], "optuna2", grid={}, sample={"train.lr": {"loguniform": [0.01, 0.2]}},
+                        num_samples=2, train={"epochs": 1, "lr": 0.1},
+                        search={"algorithm": "optuna", "metric": "snn_sel_acc", "mode": "max", "seed": 0})
+    assert run_space(env, space) == 0
+    assert "2/2 trials finished" in capsys.readouterr().out
+    c, parents, children = runs_of(env, "optuna2")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 2
+    lrs = {float(r.data.params["train.lr"]) for r in children}
+    assert len(lrs) == 2 and all(0.01 <= lr <= 0.2 for lr in lrs)
+    for r in children:
+        check_child(c, r, epochs=1)
+
+
+@pytest.mark.slow
+def test_asha_stops_the_poor_trial_early(ray_local, capsys):
+    """ASHA on snn_sel_acc (grace 1 epoch, reduction factor 2), one trial at a time: lr 0.1
+    runs all its epochs; lr 1e-5 reaches rung 1 below it and is stopped. A stopped trial is
+    not a failure: the sweep exits 0 with a FINISHED parent, and says what ASHA stopped;
+    the stopped trial's child run is KILLED with the epochs it ran and no final metrics."""
+    env = ray_local
+    space = write_space(env["root"], "asha2", grid={"train.lr": [0.1, 1e-5]},
+                        resources={"cpu": 1, "gpu": 0, "max_concurrent": 1}, calibration={"mode": "local"},
+                        scheduler={"name": "asha", "metric": "snn_sel_acc", "mode": "max", "grace_period": 1,
+                                   "reduction_factor": 2})
+    assert run_space(env, space) == 0
+    out = capsys.readouterr().out
+    assert "sweep asha2: done in" in out and "1 finished, 1 stopped early by ASHA, 0 failed, 0 not finished, of 2" in out
+    c, parents, children = runs_of(env, "asha2")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert child_status(children) == {"lr=0.1": "FINISHED", "lr=1e-05": "KILLED"}
+    good, = [r for r in children if r.data.tags["harness.trial"] == "lr=0.1"]
+    poor, = [r for r in children if r.data.tags["harness.trial"] == "lr=1e-05"]
+    check_child(c, good)
+    assert [m.step for m in c.get_metric_history(poor.info.run_id, "train/loss")] == [1]
+    assert not [k for k in poor.data.metrics if k.startswith("final/")]
+    # the parent's summary counts the finished trial only
+    assert parents[0].data.metrics["summary/NQ/lr:0.1/n"] == 1 and "summary/NQ/lr:1e-05/n" not in parents[0].data.metrics
+    trials = tune_trials(env, "asha2")
+    assert trials["lr=1e-05"].status == "TERMINATED" and trials["lr=1e-05"].last_result["epoch"] == 1
+    assert not trials["lr=1e-05"].last_result.get("final") and trials["lr=0.1"].last_result["final"]
