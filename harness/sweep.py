@@ -297,7 +297,11 @@ def open_parent_run(plan: Plan) -> tuple[Any, str, str]:
         parent_id = plan.saved["parent_run_id"]
         tracking.set_status(client, parent_id, "RUNNING")
     else:
-        parent_id = tracking.create_parent(client, exp_id, plan.name, plan.space.path, plan.space.raw)
+        planned = {"harness.n_planned": str(plan.space.n_trials)}
+        if plan.space.is_grid:  # every trial's label is known: the report names those that never ran
+            planned["harness.planned_trials"] = json.dumps([t.label for t in plan.space.trials])
+        parent_id = tracking.create_parent(client, exp_id, plan.name, plan.space.path, plan.space.raw,
+                                           extra_tags=planned)
     plan.storage.write_text(json.dumps({
         "name": plan.name, "space_file": str(plan.space.path), "space": plan.space.raw, "tracking_uri": plan.uri,
         "experiment_id": exp_id, "parent_run_id": parent_id}, indent=1), plan.name, STATE_FILE)

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from harness.report.cli import main as report_main
+from harness.cli import main as harness_main
 from sweeps import assert_complete, by_label, harness, runs, steps, tune_trials, wait_for, write_space, Harness
 
 EPOCHS, LONG = 2, 8  # the trials of one seed run LONG epochs: the interrupt lands while they run
@@ -88,9 +88,7 @@ def test_sigint_after_two_finished_then_report_and_resume(tmp_path):
     # harness report on the interrupted experiment: the trials that did not finish are
     # named above the tables, with the n of their cells
     out = tmp_path / "report"
-    # (harness.report.cli.main: `harness report --experiment ...` through harness.cli.main is
-    # refused by argparse, see test_tracking.test_report_through_the_harness_cli)
-    assert report_main(["--experiment", name, "--tracking-uri", uri, "--out", str(out), "--format", "md"]) == 0
+    assert harness_main(["report", "--experiment", name, "--tracking-uri", uri, "--out", str(out), "--format", "md"]) == 0
     index = (out / "index.md").read_text()
     head = index[:index.index("## Table 1")]
     assert "## Trials not reported" in head

@@ -816,3 +816,24 @@ def test_delta_heatmap_layers_by_name(tmp_path):
     assert cols == ["delta/l00_conv1.act", "delta/l01_stages.0.0.act2"]   # δ_trained only
     assert mat.tolist() == [[0.0, 0.1], [0.0, 0.3]]
     assert figures.delta_heatmap(hist, "t", tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_trials_that_never_started_are_named(tmp_path):
+    import json as _json
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("planned", artifact_location=(tmp_path / "art").as_uri())
+    labels = ["arch=resnet20,mode=qcfs,seed=0", "arch=resnet20,mode=layerwise,seed=0",
+              "arch=resnet20,mode=qcfs,seed=1"]
+    parent = client.create_run(exp, tags={"harness.role": "parent", "harness.planned_trials": _json.dumps(labels),
+                                          "harness.n_planned": "3"}).info.run_id
+    _log_trial(client, exp, parent, arch="resnet20", mode="qcfs", seed=0, final=FINAL[("resnet20", "qcfs")][0],
+               tmp_path=tmp_path, name=labels[0])
+    _log_trial(client, exp, parent, arch="resnet20", mode="layerwise", seed=0,
+               final=FINAL[("resnet20", "layerwise")][0], tmp_path=tmp_path, name=labels[1], status="KILLED")
+    out = tmp_path / "r"
+    assert main(["--experiment", "planned", "--tracking-uri", uri, "--out", str(out), "--format", "md"]) == 0
+    head = (out / "index.md").read_text().split("## Table 1")[0]
+    assert f"`{labels[2]}`: **never started**" in head
+    assert f"`{labels[1]}`" in head and "**KILLED**" in head
+    assert f"`{labels[0]}`" not in head

@@ -290,9 +290,6 @@ def test_mlflow_logger_with_fake_trials(store, trained, tmp_path):
     assert len(c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="harness/cli.py: the report subparser's argparse.REMAINDER positional does not "
-                                       "take options that come first, so `harness report --experiment X` exits 2 "
-                                       "with 'unrecognized arguments: --experiment'")
 def test_report_through_the_harness_cli(tmp_path, capsys):
     from harness.cli import main
     rc = main(["report", "--experiment", "nope", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--out",

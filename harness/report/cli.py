@@ -1,6 +1,7 @@
 """``harness report``: MLflow experiment -> tables, figures and index.md."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -270,8 +271,22 @@ def _index_md(col: Collected, out: Path, written: dict[str, list[Path]], table1_
     return "\n".join(lines).rstrip() + "\n"
 
 
+def never_started_lines(col: Collected) -> list[str]:
+    """One line per trial the sweep planned (its parent's `harness.planned_trials` tag) that
+    has no run at all: it never started (an interrupt, or a crash of the driver)."""
+    key = "tags.harness.planned_trials"
+    if col.parent_id is None or key not in col.parents.columns:
+        return []
+    row = col.parents[col.parents["run_id"] == col.parent_id]
+    if row.empty or not isinstance(row[key].iloc[0], str):
+        return []
+    have = set(col.trials["trial"]) if col.trials is not None and not col.trials.empty else set(col.runs["trial"])
+    return [f"- `{label}`: **never started** (no run); its cells lack this trial."
+            for label in json.loads(row[key].iloc[0]) if label not in have]
+
+
 def _not_reported_section(col: Collected) -> list[str]:
-    missing = not_finished_lines(col)
+    missing = not_finished_lines(col) + never_started_lines(col)
     if not missing:
         return []
     return ["## Trials not reported", "",
