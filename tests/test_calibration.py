@@ -55,8 +55,15 @@ def _by_hand(net, x, tau):
     return mean, std
 
 
+@pytest.fixture(params=["fused", "eager"])
+def kernels(request, monkeypatch):
+    """Run a test with the torch.compile-fused statistics and with eager ops (HARNESS_FUSED=0)."""
+    monkeypatch.setenv("HARNESS_FUSED", "1" if request.param == "fused" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("tau", [1, 3, 4])
-def test_delta_equals_hand_computation(tau):
+def test_delta_equals_hand_computation(tau, kernels):
     net = _tiny()
     x = torch.randn(50, 2, dtype=torch.float64) * 2
     stats = residual_error(net, x, tau, batch_size=16)  # several batches: pooled statistics
@@ -130,3 +137,47 @@ def test_actor_and_local_calibrator_give_the_same_delta(tmp_path, augment):
         b = local.calibrate(model, tau=4, trial_id="t", epoch=epoch)
         assert a["std"] == b.std and a["mean"] == b.mean and a["n_images"] == b.n_images == 100
     assert [h["epoch"] for h in actor.history("t")] == [1, 2]
+
+
+def _recorded_stats(model, x, tau):
+    """The statistics the straightforward way: the neurons' own recording (record=True),
+    phi, zbar and both residuals materialised, sums in float64."""
+    from harness.convert import activation_layers, to_snn
+    from harness.neurons import qcfs
+    acts = activation_layers(model)
+    snn = to_snn(model)
+    outs = []
+    hooks = [a.register_forward_hook(lambda m, i, o: outs.append(o)) for _, a in acts]
+    with torch.no_grad():
+        model(x)
+        snn.simulate(x, tau, record=True)
+    for h in hooks:
+        h.remove()
+    res = {"end_to_end": [], "layer_local": []}
+    for (_, a), n, out in zip(acts, snn.neurons, outs):
+        phi, zbar = n.sum_out / tau, n.sum_in / tau
+        lam = a.lam.detach().to(phi.dtype)
+        for r, g in (("end_to_end", phi - out), ("layer_local", phi - qcfs(zbar, lam, a.L))):
+            g = g.double()
+            res[r].append((g.mean().item(), g.std(unbiased=False).item()))
+    return res
+
+
+@pytest.mark.parametrize("layout", ["step", "multistep"])
+def test_fused_statistics_equal_the_recorded_computation(kernels, layout):
+    """Summed output recorded by a hook, summed input derived from the membrane potential,
+    one fused reduction: the same statistics as the neurons' own recording, in both
+    simulation layouts (float64 network: differences are rounding only)."""
+    torch.manual_seed(2)
+    model = harness.create_model("cnn_small", in_chans=1, lam_init=1.0).double().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(48, 1, 8, 8, dtype=torch.float64)
+    s = residual_error(model, x, tau=5, batch_size=20, layout=layout)  # uneven last batch
+    ref = _recorded_stats(model, x, 5)
+    for r in ("end_to_end", "layer_local"):
+        assert s.mean[r] == pytest.approx([m for m, _ in ref[r]], abs=1e-12)
+        assert s.std[r] == pytest.approx([d for _, d in ref[r]], abs=1e-12)
+    sizes = [48 * 32 * 8 * 8, 48 * 32 * 8 * 8, 48 * 64 * 4 * 4, 48 * 128]
+    assert [sum(h) for h in s.hist["layer_local"]] == [sum(h) for h in s.hist["end_to_end"]] == sizes
