@@ -114,31 +114,6 @@ def test_local_calibrator_restores_training_mode_and_is_deterministic():
     assert a.std == b.std and len(a.layers) == 4
 
 
-@pytest.mark.parametrize("augment", [False, True])
-def test_actor_and_local_calibrator_give_the_same_delta(tmp_path, augment):
-    """The shared actor (as a plain class, no Ray) and the in-process calibrator draw the
-    same stratified subset (and the same augmentation for the same epoch): same statistics."""
-    from harness.actor import CalibrationActor, data_key, model_spec
-    from harness.config import load_config
-    from harness.data import CalibrationSet, load_dataset
-
-    cfg = load_config(None, ["noise.calib_samples=100", "train.seed=3", f"noise.calib_augment={str(augment).lower()}"])
-    data = load_dataset(cfg.data, 3)
-    torch.manual_seed(4)
-    model = harness.create_model("cnn_small", num_classes=10, in_chans=1, lam_init=1.5).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_var.uniform_(0.5, 2.0)
-    local = LocalCalibrator(CalibrationSet.from_dataset(data, cfg.resolved(data.image_size)), 64)
-    actor = CalibrationActor({data_key(cfg): cfg.to_dict()})
-    assert actor.ready()["splits"][data_key(cfg)]["class_counts"] == local.calib_set.class_counts()
-    for epoch in (1, 2):
-        a = actor.calibrate(model_spec(cfg, 10, 1), model.state_dict(), 4, data_key(cfg), "t", epoch, 64)
-        b = local.calibrate(model, tau=4, trial_id="t", epoch=epoch)
-        assert a["std"] == b.std and a["mean"] == b.mean and a["n_images"] == b.n_images == 100
-    assert [h["epoch"] for h in actor.history("t")] == [1, 2]
-
-
 def _recorded_stats(model, x, tau):
     """The statistics the straightforward way: the neurons' own recording (record=True),
     phi, zbar and both residuals materialised, sums in float64."""
