@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from .trainable import train_trial
 __all__ = ["SweepError", "SweepOptions", "run_sweep", "main", "check_resources"]
 
 STATE_FILE = "harness_sweep.json"
+ACTOR_HISTORY = "calibration_history"  # the actor's delta history, one file per trial (kept on --resume)
 CHECKPOINTS_KEPT = 2  # Tune keeps the last two epoch checkpoints of each trial
 PROGRESS_EVERY_S = 30  # Tune's progress table at most this often
 
@@ -171,9 +173,10 @@ def check_resources(space: SearchSpace, joined: bool) -> None:
 
 # ---------------------------------------------------------------- 3. the shared calibration actor
 
-def start_calibration_actor(space: SearchSpace, name: str) -> tuple[Any, list[dict]]:
+def start_calibration_actor(space: SearchSpace, name: str, history_dir: Path | None = None) -> tuple[Any, list[dict]]:
     """(actor handle or None, the trials as Tune sees them: index, label, config and, with
-    the actor, the trial's calibration-set key and model spec)."""
+    the actor, the trial's calibration-set key and model spec). `history_dir`: where the
+    actor persists (and on a restart or --resume reloads) its delta history."""
     trials = [{"index": t.index, "label": t.label, "config": t.config, "data_key": None, "model_spec": None}
               for t in space.trials]
     if space.calibration.mode != "actor":
@@ -189,7 +192,7 @@ def start_calibration_actor(space: SearchSpace, name: str) -> tuple[Any, list[di
     try:
         actor, ready = start_actor(actor_name(name), configs, cpu=cal.cpu, gpu=cal.gpu,
                                    max_concurrency=cal.max_concurrency,
-                                   threads=cal.threads or _threads(space))
+                                   threads=cal.threads or _threads(space), history_dir=history_dir)
     except ray.exceptions.RayActorError as e:
         raise SweepError(f"the calibration actor could not start: {_cause(e)}", exit_code=RUN_FAILED) from None
     for d, t in zip(trials, space.trials):
@@ -340,7 +343,10 @@ def run_sweep(space: SearchSpace, opts: SweepOptions, trainable: Callable = trai
     actor = client = parent_id = exp_id = None
     try:
         check_resources(space, joined=bool(opts.address))
-        actor, trials = start_calibration_actor(space, plan.name)
+        history_dir = plan.exp_dir / ACTOR_HISTORY
+        if not opts.resume:  # left over from a sweep of this name that never got going
+            shutil.rmtree(history_dir, ignore_errors=True)
+        actor, trials = start_calibration_actor(space, plan.name, history_dir)
         client, exp_id, parent_id = open_parent_run(plan, trials)
         sweep_cfg = {"name": plan.name, "tracking_uri": plan.uri, "experiment_id": exp_id,
                      "parent_run_id": parent_id, "calibration_mode": space.calibration.mode,
