@@ -121,6 +121,9 @@ def train_trial(config: dict, extra_callbacks: Iterable[Callable[[dict, Path], N
         tracking.log_trial_params(client, run_id, info)
 
     def report(rec: dict, out_dir: Path) -> None:
+        if calibrator is not None:  # the shared actor's queueing and computing time for this epoch
+            t = calibrator.timing(rec["epoch"])
+            rec = {**rec, "calib_queue_s": t.get("queue_s"), "calib_compute_s": t.get("compute_s")}
         if rec["epoch"] not in logged:  # a retried epoch that was already logged keeps its first values
             tracking.log_epoch(client, run_id, rec, layers)
             logged.add(rec["epoch"])
