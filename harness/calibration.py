@@ -9,12 +9,14 @@ Per activation layer l, on calibration images, in one pass through each network:
 phi_l(tau) is the average postsynaptic potential over tau steps. delta_l is the
 (pooled, population) std of g_l over all elements of all calibration images.
 
-Cost. The floor is tau + 1 forward passes per image (one ANN pass, tau SNN steps).
-On top of it: one add per neuron and step (the summed output, recorded by a forward
-hook into a reused buffer; the summed input follows from the membrane potential, see
-`_gaps`), and per layer and batch one fused reduction over three tensors that returns
-both residuals' sums in float64 (torch.compile; eager ops with HARNESS_FUSED=0).
-benchmarks/calibration.py reports the cost as a ratio to that floor.
+Cost. The ideal is tau + 1 forward passes per image (one ANN pass, tau SNN steps); an
+SNN step costs somewhat more than an ANN pass (the IF neuron's state), so one ANN pass
+plus a plain simulation is already ~1.1x the ideal on CPU. On top of that: one add per
+neuron and step (the summed output, recorded by a forward hook into a reused buffer;
+the summed input follows from the membrane potential, see the note above `_gaps`), and
+per layer and batch one fused reduction over three tensors that returns both
+residuals' sums in float64 (torch.compile; eager ops with HARNESS_FUSED=0).
+benchmarks/calibration.py reports the cost as a ratio to the ideal.
 """
 from __future__ import annotations
 
