@@ -239,3 +239,10 @@ def test_ray_actor_restarts_with_its_data_and_history(setup, tmp_path):
         assert ray.get(handle.ready.remote())["history_trials"] == ["t"]
     finally:
         ray.shutdown()
+
+
+def test_per_call_timings_are_mlflow_epoch_metrics():
+    from harness.tracking import epoch_metrics
+    m = epoch_metrics({"epoch": 3, "calib_s": 2.5, "calib_queue_s": 0.5, "calib_compute_s": 1.75}, [])
+    assert m == {"time/calib_s": 2.5, "calib/queue_s": 0.5, "calib/compute_s": 1.75}
+    assert "calib/queue_s" not in epoch_metrics({"epoch": 3, "calib_queue_s": None}, [])  # local calibration
