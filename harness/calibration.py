@@ -8,6 +8,15 @@ Per activation layer l, on calibration images, in one pass through each network:
                                                      input at layer l; one layer's error)
 phi_l(tau) is the average postsynaptic potential over tau steps. delta_l is the
 (pooled, population) std of g_l over all elements of all calibration images.
+
+Cost. The ideal is tau + 1 forward passes per image (one ANN pass, tau SNN steps); an
+SNN step costs somewhat more than an ANN pass (the IF neuron's state), so one ANN pass
+plus a plain simulation is already ~1.1x the ideal on CPU. On top of that: one add per
+neuron and step (the summed output, recorded by a forward hook into a reused buffer;
+the summed input follows from the membrane potential, see the note above `_gaps`), and
+per layer and batch one fused reduction over three tensors that returns both
+residuals' sums in float64 (torch.compile; eager ops with HARNESS_FUSED=0).
+benchmarks/calibration.py reports the cost as a ratio to the ideal.
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ import torch
 from torch import nn
 
 from .convert import activation_layers, to_snn
-from .neurons import qcfs
+from .neurons import _qcfs_fwd, fused_enabled
 
 __all__ = ["ResidualStats", "residual_error", "estimate_delta", "Calibrator", "LocalCalibrator",
            "RESIDUALS"]
@@ -51,41 +60,112 @@ class ResidualStats:
         return cls(**d)
 
 
-class _Acc:
-    """Running sum / sum of squares / count (float64, on the device) and a histogram.
-    Nothing leaves the device until `mean_std()`."""
+# ---------------------------------------------------------------------------
+# The statistics, fused. Per layer and batch, from three tensors:
+#   so = sum_t out(t)    the IF neuron's output summed over tau steps (a hook records it:
+#                        one add per step, into a buffer reused across batches)
+#   v  = v(tau)          the membrane potential the neuron is left with
+#   a                    the ANN's activation (a forward hook keeps a reference)
+# Reset by subtraction gives v(tau) = v(0) + sum_t z(t) - sum_t out(t), so the SNN's
+# summed input is v(tau) - v(0) + so and needs no recording of its own (in exact
+# arithmetic this is the sum of the inputs; in floating point it is the sum the neuron
+# itself integrated, and differs from a separately accumulated sum by rounding only:
+# on ResNet-20 at tau = 4, batch 500, the layer_local std moved by < 1e-8 except in the
+# first layer, where one element of 8 million at a quantisation boundary changed level).
+# Then
+#   phi = so / tau,  zbar = (v - v(0) + so) / tau,
+#   end_to_end  g = phi - a,  layer_local  g = phi - QCFS(zbar)   (in the tensors' dtype)
+# and one pass returns sum g and sum g^2 of both, accumulated in float64 (torch.compile
+# fuses the whole expression into one reduction loop: no phi / zbar / g tensors).
+
+_S = 4  # sums per layer: end_to_end sum g, sum g^2; layer_local sum g, sum g^2
+
+
+def _gaps(so, v, a, lam, L, tau, v_init):
+    """(end_to_end g, layer_local g), in the tensors' dtype."""
+    phi = so / tau
+    zbar = (v - v_init + so) / tau
+    return phi - a, phi - _qcfs_fwd(zbar, lam, L)
+
+
+def _sums_fused(so, v, a, lam, L, tau, v_init):
+    ge, gl = _gaps(so, v, a, lam, L, tau, v_init)
+    ge, gl = ge.double(), gl.double()
+    return torch.stack([ge.sum(), (ge * ge).sum(), gl.sum(), (gl * gl).sum()])
+
+
+def _sums_eager(so, v, a, lam, L, tau, v_init):
+    """Without torch.compile (HARNESS_FUSED=0, or no compiler): sums in g's dtype
+    (pairwise summation) per batch, accumulated in float64 by the caller."""
+    ge, gl = _gaps(so, v, a, lam, L, tau, v_init)
+    return torch.stack([ge.sum().double(), torch.linalg.vector_norm(ge).double().square(),
+                        gl.sum().double(), torch.linalg.vector_norm(gl).double().square()])
+
+
+_FUSED: list = []  # [the compiled _sums_fused], or [_sums_eager] once compiling failed
+
+
+def _residual_sums(*args) -> torch.Tensor:
+    """float64 [4]: sum g, sum g^2 of the end_to_end and the layer_local residual."""
+    if not fused_enabled():
+        return _sums_eager(*args)
+    if not _FUSED:
+        try:
+            _FUSED.append(torch.compile(_sums_fused, dynamic=True, fullgraph=True))
+        except Exception:  # no compiler backend
+            _FUSED.append(_sums_eager)
+    try:
+        return _FUSED[0](*args)
+    except Exception as e:  # a backend failure at first call degrades to eager, loudly once
+        if _FUSED[0] is _sums_eager:
+            raise
+        import warnings
+        warnings.warn(f"harness: fused calibration statistics unavailable ({type(e).__name__}); using eager ops")
+        _FUSED[0] = _sums_eager
+        return _sums_eager(*args)
+
+
+class _OutputSum:
+    """Forward hook on an IF neuron: the sum over time of its output, in a buffer that is
+    allocated once per calibration and reused for every batch (a fresh tensor per step
+    would page-fault its memory in again). Works with either simulation layout."""
 
     def __init__(self):
-        self.s = self.ss = None
-        self.n = 0
-        self.h = None
+        self.buf: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None
+        self.steps = 0
 
-    def add(self, g: torch.Tensor, lam: torch.Tensor, hist: bool) -> None:
-        # per-batch sums in g's dtype (pairwise summation), accumulated in float64
-        s = g.sum().double()
-        ss = torch.linalg.vector_norm(g).double().square()
-        self.s = s if self.s is None else self.s + s
-        self.ss = ss if self.ss is None else self.ss + ss
-        self.n += g.numel()
-        if hist:
-            r = torch.histc(g.div_(lam).clamp_(-HIST_RANGE, HIST_RANGE), HIST_BINS, -HIST_RANGE, HIST_RANGE)
-            self.h = r.long() if self.h is None else self.h + r.long()
+    def start(self) -> None:
+        self.steps = 0
 
-    def mean_std(self) -> tuple[float, float]:
-        n = max(self.n, 1)
-        m = float(self.s) / n
-        return m, max(float(self.ss) / n - m * m, 0.0) ** 0.5
+    def __call__(self, neuron, inputs, out: torch.Tensor) -> None:
+        k = neuron.steps
+        o = out.reshape(k, out.shape[0] // k, *out.shape[1:])
+        if self.steps == 0:
+            b = o.shape[1]
+            if self.buf is None or self.buf.shape[0] < b or self.buf.shape[1:] != o.shape[2:] \
+                    or self.buf.dtype != o.dtype:
+                self.buf = torch.empty_like(o[0])
+            self.sum = self.buf[:b]
+            torch.sum(o, 0, out=self.sum) if k > 1 else self.sum.copy_(o[0])
+        else:
+            self.sum.add_(o.sum(0) if k > 1 else o[0])
+        self.steps += k
 
-    def counts(self) -> list[int]:
-        return self.h.tolist() if self.h is not None else []
+
+def _histogram(g: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    return torch.histc(g.div(lam).clamp_(-HIST_RANGE, HIST_RANGE), HIST_BINS, -HIST_RANGE, HIST_RANGE).long()
 
 
 @torch.no_grad()
 def residual_error(model: nn.Module, batches: Iterable[torch.Tensor] | torch.Tensor, tau: int,
-                   batch_size: int = DEFAULT_BATCH, histograms: bool = True) -> ResidualStats:
+                   batch_size: int = DEFAULT_BATCH, histograms: bool = True,
+                   layout: str = "auto") -> ResidualStats:
     """Per-layer residual statistics (both definitions) of `model` against its SNN at tau.
     `batches`: normalised images, a tensor (split into `batch_size`) or an iterable.
-    `histograms=False` skips the per-layer histograms (the per-epoch calibration)."""
+    `histograms=False` skips the per-layer histograms (the per-epoch calibration).
+    `layout`: the simulation layout (`SpikingNet.simulate`); the statistics do not
+    depend on it."""
     if isinstance(batches, torch.Tensor):
         batches = batches.split(batch_size)
     was_training = model.training
@@ -95,30 +175,53 @@ def residual_error(model: nn.Module, batches: Iterable[torch.Tensor] | torch.Ten
     lams = [a.lam.detach().float() for _, a in acts]
     snn = to_snn(model)
     ann_out: list[torch.Tensor] = []
+    out_sums = [_OutputSum() for _ in snn.neurons]
     hooks = [a.register_forward_hook(lambda m, i, o: ann_out.append(o)) for _, a in acts]
-    accs = {r: [_Acc() for _ in acts] for r in RESIDUALS}
+    hooks += [n.register_forward_hook(h) for n, h in zip(snn.neurons, out_sums)]
+    sums: torch.Tensor | None = None  # [layers, 4] float64, on the device
+    counts = [0] * len(acts)
+    hist = {r: [None] * len(acts) for r in RESIDUALS}
     n_images = 0
     try:
         for x in batches:
             ann_out.clear()
             model(x)
-            snn.simulate(x, tau, record=True)
-            for l, ((_, a), neuron) in enumerate(zip(acts, snn.neurons)):
-                phi = neuron.sum_out / tau
-                zbar = neuron.sum_in.div_(tau)
-                lam = lams[l].to(phi.dtype)
-                accs["layer_local"][l].add(qcfs(zbar, lam, a.L).neg_().add_(phi), lam, histograms)
-                accs["end_to_end"][l].add(phi.sub_(ann_out[l]), lam, histograms)
+            for h in out_sums:
+                h.start()
+            snn.simulate(x, tau, layout=layout)  # the hooks record; the neurons' own recording stays off
+            if sums is None:
+                sums = torch.zeros(len(acts), _S, dtype=torch.float64, device=x.device)
+            for l, ((_, a), neuron, h) in enumerate(zip(acts, snn.neurons, out_sums)):
+                so = h.sum
+                dt, dev = so.dtype, so.device
+                lam = lams[l].to(dt)
+                # v(0) exactly as IFNeuron sets it: float(theta in x's dtype) * v0
+                v_init = float(neuron.theta.to(dt)) * neuron.v0
+                args = (so, neuron.v, ann_out[l], lam, *(torch.tensor(float(c), dtype=dt, device=dev)
+                                                         for c in (a.L, tau, v_init)))
+                sums[l] += _residual_sums(*args)
+                counts[l] += so.numel()
+                if histograms:
+                    for r, g in zip(RESIDUALS, _gaps(*args)):
+                        c = _histogram(g, lam)
+                        hist[r][l] = c if hist[r][l] is None else hist[r][l] + c
             n_images += x.shape[0]
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    mean = {r: [acc.mean_std()[0] for acc in accs[r]] for r in RESIDUALS}
-    std = {r: [acc.mean_std()[1] for acc in accs[r]] for r in RESIDUALS}
+    mean: dict[str, list[float]] = {r: [] for r in RESIDUALS}
+    std: dict[str, list[float]] = {r: [] for r in RESIDUALS}
+    rows = sums.tolist() if sums is not None else [[0.0] * _S for _ in acts]
+    for l, row in enumerate(rows):
+        n = max(counts[l], 1)
+        for i, r in enumerate(RESIDUALS):
+            m = row[2 * i] / n
+            mean[r].append(m)
+            std[r].append(max(row[2 * i + 1] / n - m * m, 0.0) ** 0.5)
     edges = torch.linspace(-HIST_RANGE, HIST_RANGE, HIST_BINS + 1).tolist() if histograms else []
-    hist = {r: [acc.counts() for acc in accs[r]] for r in RESIDUALS}
-    return ResidualStats(names, [float(v) for v in lams], tau, n_images, mean, std, edges, hist)
+    hist_out = {r: [c.tolist() if c is not None else [] for c in hist[r]] for r in RESIDUALS}
+    return ResidualStats(names, [float(v) for v in lams], tau, n_images, mean, std, edges, hist_out)
 
 
 def estimate_delta(stats: ResidualStats, residual: str = "end_to_end", scale: float = 1.0) -> list[float]:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +34,7 @@ from .trainable import train_trial
 __all__ = ["SweepError", "SweepOptions", "run_sweep", "main", "check_resources"]
 
 STATE_FILE = "harness_sweep.json"
+ACTOR_HISTORY = "calibration_history"  # the actor's delta history, one file per trial (kept on --resume)
 CALIBRATION_KEYS = ("train.seed", "noise.calib_samples", "noise.calib_augment")  # besides data.*
 SHARED_FS_TYPES = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "9p", "efs", "glusterfs")
 CHECKPOINTS_KEPT = 2  # Tune keeps the last two epoch checkpoints of each trial
@@ -118,6 +120,16 @@ class Plan:
         """Who writes MLflow: the driver for a SQLite store (one writer, no node needs the
         file), the trials for a tracking server."""
         return "trial" if self.uri.startswith(("http://", "https://")) else "driver"
+
+    @property
+    def actor_history_dir(self) -> Path | None:
+        """Where the calibration actor persists its delta history: a folder of the storage
+        when that is a local (or file://) file system; None (history kept in memory only)
+        for object stores."""
+        import pyarrow.fs as pafs
+        if not isinstance(self.storage.fs, pafs.LocalFileSystem):
+            return None
+        return Path(self.storage.root) / self.name / ACTOR_HISTORY
 
 
 # ---------------------------------------------------------------- 1. validate (no Ray yet)
@@ -258,10 +270,11 @@ def _fs_type(path: Path) -> str:
 
 # ---------------------------------------------------------------- 3. the shared calibration actor
 
-def start_calibration_actor(space: SearchSpace, name: str) -> tuple[Any, dict]:
+def start_calibration_actor(space: SearchSpace, name: str, history_dir: Path | None = None) -> tuple[Any, dict]:
     """(actor handle or None, its calibration sets: data key -> {n_images, class_counts,
     num_classes, in_chans}). The grid's trials name every set (samplers never move the
-    calibration images when the actor serves them: `validate`)."""
+    calibration images when the actor serves them: `validate`). `history_dir`: where the
+    actor persists (and on a restart or --resume reloads) its delta history."""
     if space.calibration.mode != "actor":
         return None, {}
     import ray
@@ -274,7 +287,7 @@ def start_calibration_actor(space: SearchSpace, name: str) -> tuple[Any, dict]:
     try:
         actor, ready = start_actor(actor_name(name), configs, cpu=cal.cpu, gpu=cal.gpu,
                                    max_concurrency=cal.max_concurrency,
-                                   threads=cal.threads or _threads(space))
+                                   threads=cal.threads or _threads(space), history_dir=history_dir)
     except ray.exceptions.RayActorError as e:
         raise SweepError(f"the calibration actor could not start: {_cause(e)}", exit_code=RUN_FAILED) from None
     return actor, ready["splits"]
@@ -486,7 +499,10 @@ def run_sweep(space: SearchSpace, opts: SweepOptions, trainable: Callable = trai
     try:
         check_resources(space, joined=bool(opts.address))
         check_shared_storage(plan.storage)
-        actor, splits = start_calibration_actor(space, plan.name)
+        history_dir = plan.actor_history_dir
+        if history_dir is not None and not opts.resume:  # left over from a sweep of this name that never got going
+            shutil.rmtree(history_dir, ignore_errors=True)
+        actor, splits = start_calibration_actor(space, plan.name, history_dir)
         client, exp_id, parent_id = open_parent_run(plan)
         sweep_cfg = {"name": plan.name, "tracking_uri": plan.uri, "experiment_id": exp_id,
                      "parent_run_id": parent_id, "log_from": plan.log_from, "threads": _threads(space),

@@ -41,7 +41,7 @@ MAX_PARAM_CHARS, MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH = 6000, 100, 1000
 EPOCH_METRICS = {"train_loss": "train/loss", "train_acc": "train/acc", "lr": "train/lr",
                  "ann_val_acc": "ann/val_acc", "ann_test_acc": "ann/test_acc",
                  "epoch_s": "time/epoch_s", "train_s": "time/train_s", "calib_s": "time/calib_s",
-                 "eval_s": "time/eval_s"}
+                 "eval_s": "time/eval_s", "calib_queue_s": "calib/queue_s", "calib_compute_s": "calib/compute_s"}
 # per-epoch, per-layer record key -> MLflow metric prefix (name: <prefix>/l<index>_<layer>)
 LAYER_METRICS = {"delta_trained": "delta", "delta_next": "delta_next",
                  "residual_std": "residual/std", "residual_mean": "residual/mean"}

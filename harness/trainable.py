@@ -160,6 +160,9 @@ def train_trial(config: dict, extra_callbacks: Iterable[Callable[[dict, Path], N
         pending["info"] = info
 
     def report(rec: dict, out_dir: Path) -> None:
+        if calibrator is not None:  # the shared actor's queueing and computing time for this epoch
+            t = calibrator.timing(rec["epoch"])
+            rec = {**rec, "calib_queue_s": t.get("queue_s"), "calib_compute_s": t.get("compute_s")}
         log.epoch(rec)
         if rec.get("snn_sel_acc") is not None:
             last_sel[0] = float(rec["snn_sel_acc"])

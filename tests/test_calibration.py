@@ -55,8 +55,15 @@ def _by_hand(net, x, tau):
     return mean, std
 
 
+@pytest.fixture(params=["fused", "eager"])
+def kernels(request, monkeypatch):
+    """Run a test with the torch.compile-fused statistics and with eager ops (HARNESS_FUSED=0)."""
+    monkeypatch.setenv("HARNESS_FUSED", "1" if request.param == "fused" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("tau", [1, 3, 4])
-def test_delta_equals_hand_computation(tau):
+def test_delta_equals_hand_computation(tau, kernels):
     net = _tiny()
     x = torch.randn(50, 2, dtype=torch.float64) * 2
     stats = residual_error(net, x, tau, batch_size=16)  # several batches: pooled statistics
@@ -107,26 +114,45 @@ def test_local_calibrator_restores_training_mode_and_is_deterministic():
     assert a.std == b.std and len(a.layers) == 4
 
 
-@pytest.mark.parametrize("augment", [False, True])
-def test_actor_and_local_calibrator_give_the_same_delta(tmp_path, augment):
-    """The shared actor (as a plain class, no Ray) and the in-process calibrator draw the
-    same stratified subset (and the same augmentation for the same epoch): same statistics."""
-    from harness.actor import CalibrationActor, data_key, model_spec
-    from harness.config import load_config
-    from harness.data import CalibrationSet, load_dataset
+def _recorded_stats(model, x, tau):
+    """The statistics the straightforward way: the neurons' own recording (record=True),
+    phi, zbar and both residuals materialised, sums in float64."""
+    from harness.convert import activation_layers, to_snn
+    from harness.neurons import qcfs
+    acts = activation_layers(model)
+    snn = to_snn(model)
+    outs = []
+    hooks = [a.register_forward_hook(lambda m, i, o: outs.append(o)) for _, a in acts]
+    with torch.no_grad():
+        model(x)
+        snn.simulate(x, tau, record=True)
+    for h in hooks:
+        h.remove()
+    res = {"end_to_end": [], "layer_local": []}
+    for (_, a), n, out in zip(acts, snn.neurons, outs):
+        phi, zbar = n.sum_out / tau, n.sum_in / tau
+        lam = a.lam.detach().to(phi.dtype)
+        for r, g in (("end_to_end", phi - out), ("layer_local", phi - qcfs(zbar, lam, a.L))):
+            g = g.double()
+            res[r].append((g.mean().item(), g.std(unbiased=False).item()))
+    return res
 
-    cfg = load_config(None, ["noise.calib_samples=100", "train.seed=3", f"noise.calib_augment={str(augment).lower()}"])
-    data = load_dataset(cfg.data, 3)
-    torch.manual_seed(4)
-    model = harness.create_model("cnn_small", num_classes=10, in_chans=1, lam_init=1.5).eval()
+
+@pytest.mark.parametrize("layout", ["step", "multistep"])
+def test_fused_statistics_equal_the_recorded_computation(kernels, layout):
+    """Summed output recorded by a hook, summed input derived from the membrane potential,
+    one fused reduction: the same statistics as the neurons' own recording, in both
+    simulation layouts (float64 network: differences are rounding only)."""
+    torch.manual_seed(2)
+    model = harness.create_model("cnn_small", in_chans=1, lam_init=1.0).double().eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 2.0)
-    local = LocalCalibrator(CalibrationSet.from_dataset(data, cfg.resolved(data.image_size)), 64)
-    actor = CalibrationActor({data_key(cfg): cfg.to_dict()})
-    assert actor.ready()["splits"][data_key(cfg)]["class_counts"] == local.calib_set.class_counts()
-    for epoch in (1, 2):
-        a = actor.calibrate(model_spec(cfg, 10, 1), model.state_dict(), 4, data_key(cfg), "t", epoch, 64)
-        b = local.calibrate(model, tau=4, trial_id="t", epoch=epoch)
-        assert a["std"] == b.std and a["mean"] == b.mean and a["n_images"] == b.n_images == 100
-    assert [h["epoch"] for h in actor.history("t")] == [1, 2]
+    x = torch.randn(48, 1, 8, 8, dtype=torch.float64)
+    s = residual_error(model, x, tau=5, batch_size=20, layout=layout)  # uneven last batch
+    ref = _recorded_stats(model, x, 5)
+    for r in ("end_to_end", "layer_local"):
+        assert s.mean[r] == pytest.approx([m for m, _ in ref[r]], abs=1e-12)
+        assert s.std[r] == pytest.approx([d for _, d in ref[r]], abs=1e-12)
+    sizes = [48 * 32 * 8 * 8, 48 * 32 * 8 * 8, 48 * 64 * 4 * 4, 48 * 128]
+    assert [sum(h) for h in s.hist["layer_local"]] == [sum(h) for h in s.hist["end_to_end"]] == sizes
