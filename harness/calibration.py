@@ -210,18 +210,23 @@ def residual_error(model: nn.Module, batches: Iterable[torch.Tensor] | torch.Ten
         for h in hooks:
             h.remove()
         model.train(was_training)
+    mean, std = _moments(sums.tolist() if sums is not None else [[0.0] * _S for _ in acts], counts)
+    edges = torch.linspace(-HIST_RANGE, HIST_RANGE, HIST_BINS + 1).tolist() if histograms else []
+    hist_out = {r: [c.tolist() if c is not None else [] for c in hist[r]] for r in RESIDUALS}
+    return ResidualStats(names, [float(v) for v in lams], tau, n_images, mean, std, edges, hist_out)
+
+
+def _moments(rows: list[list[float]], counts: list[int]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per-layer (mean, std) of each residual from its [sum, sum of squares] per layer."""
     mean: dict[str, list[float]] = {r: [] for r in RESIDUALS}
     std: dict[str, list[float]] = {r: [] for r in RESIDUALS}
-    rows = sums.tolist() if sums is not None else [[0.0] * _S for _ in acts]
     for l, row in enumerate(rows):
         n = max(counts[l], 1)
         for i, r in enumerate(RESIDUALS):
             m = row[2 * i] / n
             mean[r].append(m)
             std[r].append(max(row[2 * i + 1] / n - m * m, 0.0) ** 0.5)
-    edges = torch.linspace(-HIST_RANGE, HIST_RANGE, HIST_BINS + 1).tolist() if histograms else []
-    hist_out = {r: [c.tolist() if c is not None else [] for c in hist[r]] for r in RESIDUALS}
-    return ResidualStats(names, [float(v) for v in lams], tau, n_images, mean, std, edges, hist_out)
+    return mean, std
 
 
 def estimate_delta(stats: ResidualStats, residual: str = "end_to_end", scale: float = 1.0) -> list[float]:
