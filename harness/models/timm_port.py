@@ -30,7 +30,6 @@ the model was adapted to.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from functools import partial
 from typing import Any, Callable
@@ -41,9 +40,6 @@ from ..neurons import NQ
 from ._registry import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 
 __all__ = ["from_timm", "TimmAdaptationWarning"]
-
-log = logging.getLogger("harness.models")
-
 
 class TimmAdaptationWarning(UserWarning):
     """A change to a timm model that changes the ANN (e.g. max-pooling -> average pooling)."""
@@ -59,7 +55,6 @@ def _describe(m: nn.Module) -> str:
 
 
 def _warn(msg: str) -> None:
-    log.warning(msg)
     warnings.warn(msg, TimmAdaptationWarning, stacklevel=3)
 
 
