@@ -10,11 +10,13 @@ Before converting, `check_convertible` proves that nothing but NQ/QCFS is nonlin
   2. tracing (torch.fx): the forward methods are traced with NQ/QCFS as leaves, so a
      functional op that module inspection cannot see (`F.relu(x)` inside a forward,
      `q @ k.transpose(-2, -1)`, `x * gate`) is found and refused with the module path of
-     the forward that calls it. Tracing propagates a concrete example input alongside
-     the symbolic one (`trace`), so forwards that branch on shapes (timm's VGG head)
-     trace too (only when a plain symbolic trace fails). A model that cannot be traced is refused: its forward cannot be checked.
-     An NQ module called at two places would share one membrane state in the SNN; that
-     is refused as well.
+     the forward that calls it. When a plain symbolic trace fails, tracing is repeated
+     with a concrete example input propagated alongside the symbolic one (`trace`), so
+     forwards that branch on shapes (timm's VGG head) trace too. A model that cannot be
+     traced is refused: its forward cannot be checked. An NQ module called at two
+     places would share one membrane state in the SNN; that is refused as well.
+  Custom leaf modules (no children, not from torch.nn) pass module inspection and are
+  judged by their traced forward.
 
 `SpikingNet.simulate(x, T)` feeds the image at every step and returns the running
 mean of the output layer, shape [T, B, classes]: row t-1 is exactly the result of
@@ -33,9 +35,10 @@ activation tensors; at very small batches "multistep" can be faster); CUDA ->
 from __future__ import annotations
 
 import copy
-import inspect
 import operator
-from typing import Any
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
@@ -46,7 +49,21 @@ from .errors import BAD_INPUT, HarnessError
 from .neurons import NQ, IFNeuron
 
 __all__ = ["to_snn", "SpikingNet", "ConversionError", "activation_layers", "check_convertible", "trace",
-           "example_input"]
+           "example_input", "observe_conversions"]
+
+_OBSERVERS: ContextVar[tuple] = ContextVar("harness_conversion_observers", default=())
+
+
+@contextmanager
+def observe_conversions(fn: Callable[["SpikingNet"], None]) -> Iterator[None]:
+    """Within the block, every SpikingNet that `to_snn` returns is first passed to
+    `fn` (e.g. `EnergyRecorder.attach`, to count the spikes of an evaluation that converts
+    the model itself)."""
+    token = _OBSERVERS.set(_OBSERVERS.get() + (fn,))
+    try:
+        yield
+    finally:
+        _OBSERVERS.reset(token)
 
 # Leaf modules that are linear/affine in eval mode (or identity): safe in an SNN.
 _SAFE_LEAVES = (
@@ -354,8 +371,8 @@ def _check_traced(model: nn.Module, graph: torch.fx.Graph, tracer: Tracer) -> No
 
 def check_convertible(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> None:
     """Raise ConversionError unless every op of `model` other than NQ/QCFS is linear or
-    affine in eval mode (module docstring). `model` must be in eval mode (it is run once
-    on a zero example input of `input_shape`, see `example_input`)."""
+    affine in eval mode (module docstring). `model` must be in eval mode: when a plain
+    symbolic trace fails it is run once on a zero input of `input_shape` (`example_input`)."""
     _check_modules(model)
     try:  # symbolic first (no compute); concrete values only for forwards that branch on shapes
         graph, tracer = trace(model, None)
@@ -461,4 +478,7 @@ def to_snn(model: nn.Module, v0: float = 0.5, input_shape: tuple[int, ...] | Non
         _set_module(net, name, IFNeuron(theta=lam.float().cpu(), v0=v0).to(lam.device))
     for p in net.parameters():
         p.requires_grad_(False)
-    return SpikingNet(net, [n for n, _ in acts]).eval()
+    snn = SpikingNet(net, [n for n, _ in acts]).eval()
+    for fn in _OBSERVERS.get():
+        fn(snn)
+    return snn

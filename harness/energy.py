@@ -1,8 +1,10 @@
 """Spikes, synaptic operations (SOPs) and an energy estimate of a converted network.
 
     rec = EnergyRecorder(input_shape=(3, 32, 32), T_max=64)
-    accs = train.evaluate_snn(model, batches, 64, on_snn=rec.attach)   # one simulation per batch
-    block = rec.summary(Ts=[1, 2, 4, 8], ann_macs=layer_macs(model, (3, 32, 32)))
+    with convert.observe_conversions(rec.attach):                      # or rec.attach(snn)
+        accs = train.evaluate_snn(model, batches, 64)                  # one simulation per batch
+    rec.detach()
+    block = rec.summary(Ts=[1, 2, 4, 8], ann_macs=train.count_macs(model, (3, 32, 32)))
 
 What is counted (per image, for every T <= T_max, from the same single simulation):
 
@@ -219,8 +221,9 @@ def synaptic_fanout(snn, input_shape: Sequence[int]) -> Fanout:
 
 class EnergyRecorder:
     """Counts spikes and SOPs per layer and per step while `SpikingNet.simulate` runs.
-    `attach(snn)` (e.g. as `evaluate_snn`'s `on_snn`) computes the fan-out and hooks the
-    IF neurons; `detach()` removes the hooks; `summary()` builds result.json's block."""
+    `attach(snn)` computes the fan-out and hooks the
+    IF neurons (use it with `convert.observe_conversions`); `detach()` removes the hooks;
+    `summary()` builds result.json's block."""
 
     def __init__(self, input_shape: Sequence[int], T_max: int, constants: EnergyConstants = EnergyConstants()):
         self.input_shape = tuple(int(s) for s in input_shape)

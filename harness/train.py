@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .calibration import Calibrator, LocalCalibrator, ResidualStats, get_deltas, set_deltas
 from .config import Config
-from .convert import activation_layers, to_snn
+from .convert import activation_layers, observe_conversions, to_snn
 from .data import CalibrationSet, Dataset, Loader, load_dataset
 from .energy import EnergyRecorder
 from .errors import BAD_INPUT, HarnessError
@@ -87,13 +87,9 @@ def evaluate_ann(model, batches: Iterable, noisy: bool = False, seed: int = NOIS
 
 
 @torch.no_grad()
-def evaluate_snn(model, batches: Iterable, T: int, on_snn: Callable | None = None) -> list[float]:
-    """SNN accuracy (%) for every T' = 1..T from one simulation per batch. `on_snn(snn)`
-    is called with the converted network before simulating (e.g. an EnergyRecorder's
-    `attach`, which hooks the IF neurons of that same simulation)."""
+def evaluate_snn(model, batches: Iterable, T: int) -> list[float]:
+    """SNN accuracy (%) for every T' = 1..T from one simulation per batch."""
     snn = to_snn(model)
-    if on_snn is not None:
-        on_snn(snn)
     correct = torch.zeros(T, dtype=torch.int64)
     total = 0
     for x, y in batches:
@@ -408,10 +404,9 @@ def finish(trial: Trial, state: TrialState) -> dict:
     input_shape = tuple(trial.data.test_x.shape[1:])
     # the final evaluation also counts spikes, SOPs and energy (harness.energy), from the same simulation
     energy = EnergyRecorder(input_shape, max(cfg.eval.T))
-    try:
-        accs = evaluate_snn(model, test.eval_batches(), max(cfg.eval.T), on_snn=energy.attach)
-    finally:
-        energy.detach()
+    with observe_conversions(energy.attach):  # hooks the IF neurons of the SNN that evaluate_snn makes
+        accs = evaluate_snn(model, test.eval_batches(), max(cfg.eval.T))
+    energy.detach()
     macs = count_macs(model, input_shape)
     noisy = cfg.noise.mode != "qcfs" and any(d > 0 for d in best["delta_trained"])
     best_rec = next(r for r in state.history if r["epoch"] == state.best_epoch)

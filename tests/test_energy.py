@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import harness
+from harness.convert import observe_conversions
 from harness.energy import EnergyConstants, EnergyRecorder, layer_macs, synaptic_fanout
 from harness.neurons import NQ
 from harness.train import count_macs, evaluate_snn
@@ -159,7 +160,8 @@ def test_recording_does_not_change_the_simulation():
     x = torch.randn(2, 3, 8, 8)
     plain = evaluate_snn(m, [(x, torch.tensor([0, 1]))], 5)
     rec = EnergyRecorder((3, 8, 8), 5)
-    recorded = evaluate_snn(m, [(x, torch.tensor([0, 1]))], 5, on_snn=rec.attach)
+    with observe_conversions(rec.attach):
+        recorded = evaluate_snn(m, [(x, torch.tensor([0, 1]))], 5)
     rec.detach()
     assert plain == recorded and rec.n_images == 2
 
@@ -231,7 +233,8 @@ def test_energy_metric_names_for_mlflow():
     from harness.tracking import energy_metrics
     m = _randomise(harness.create_model("cnn_small", in_chans=1, width=4))
     rec = EnergyRecorder((1, 8, 8), 4)
-    evaluate_snn(m, [(torch.randn(3, 1, 8, 8), torch.zeros(3, dtype=torch.long))], 4, on_snn=rec.attach)
+    with observe_conversions(rec.attach):
+        evaluate_snn(m, [(torch.randn(3, 1, 8, 8), torch.zeros(3, dtype=torch.long))], 4)
     rec.detach()
     result = {"energy": rec.summary([1, 2, 4], ann_macs=count_macs(m, (1, 8, 8)))}
     metrics = energy_metrics(result)
