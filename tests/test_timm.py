@@ -223,7 +223,7 @@ data:
   batch_size: 8
   eval_batch_size: 8
   val_fraction: 0.25
-  synthetic: {{num_train: 8, num_test: 4, channels: 3, size: 32, num_classes: 4}}
+  synthetic: {{num_train: 12, num_test: 4, channels: 3, size: 32, num_classes: 4}}
   augment: {{crop_pad: 0, flip: false, cutout: 0, autoaugment: false}}
 model: {{cifar_stem: true, L: 4}}
 noise: {{mode: layerwise, tau: 2}}
@@ -258,7 +258,9 @@ def test_timm_models_from_a_search_space_train_convert_and_match_a_step_loop(tmp
             assert sum(a["change"] == "max_pool_to_avg_pool" for a in saved["model_adaptations"]) == 5
         assert saved["energy"]["by_T"]["4"]["sops"] >= 0 and saved["energy"]["ann_macs"] == saved["macs"]
         # the trained, selected network: simulate == a plain step-by-step IF loop
-        model = create_model(trial.cfg.model.arch, num_classes=4, in_chans=3, cifar_stem=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TimmAdaptationWarning)
+            model = create_model(trial.cfg.model.arch, num_classes=4, in_chans=3, cifar_stem=True)
         model.load_state_dict(torch.load(out / "best.pt", weights_only=True)["model"])
         model.eval()
         x = torch.randn(3, 3, 32, 32)
