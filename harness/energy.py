@@ -125,6 +125,8 @@ class _OnesMode(TorchFunctionMode):
     as sum pooling; synaptic layers record their output sum and cut the graph."""
 
     SYNAPTIC = {F.conv1d, F.conv2d, torch.conv1d, torch.conv2d, F.linear}
+    PRODUCTS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.div,
+                torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.mul_, torch.Tensor.__imul__}
 
     def __init__(self, names: dict[int, str]):
         super().__init__()
@@ -145,13 +147,9 @@ class _OnesMode(TorchFunctionMode):
             return y.detach().clone()
         if func is F.batch_norm or func is F.dropout or func is F.dropout2d:
             return args[0]
-        if func is F.avg_pool2d or func is F.avg_pool1d:
+        if func is F.avg_pool2d:  # sum pooling: every window a spike falls in gets it once
             args = args[:6]
             kwargs["divisor_override"] = 1
-            if func is F.avg_pool1d:  # no divisor_override: scale back by the kernel size
-                kwargs.pop("divisor_override")
-                k = args[1] if len(args) > 1 else kwargs["kernel_size"]
-                return func(*args, **kwargs) * (k if isinstance(k, int) else k[0])
             return func(*args, **kwargs)
         if func is F.adaptive_avg_pool2d:
             x = args[0]
@@ -161,6 +159,13 @@ class _OnesMode(TorchFunctionMode):
             ow = size[1] if size[1] is not None else x.shape[-1]
             area = torch.outer(_adaptive_windows(x.shape[-2], oh), _adaptive_windows(x.shape[-1], ow))
             return func(*args, **kwargs) * area.to(x.dtype).to(x.device)
+        if func in self.PRODUCTS:
+            # scaling by a constant (x * 0.5, a layer-scale parameter) keeps the connections
+            out = func(*args, **kwargs)
+            sig = [a for a in args[:2] if isinstance(a, torch.Tensor) and a.requires_grad]
+            if len(sig) == 1 and not all(isinstance(a, torch.Tensor) and a.requires_grad for a in args[:2]):
+                return sig[0] + torch.zeros_like(out)
+            return out
         if func in (torch.mean, torch.Tensor.mean):
             return torch.sum(*args, **kwargs) if func is torch.mean else torch.Tensor.sum(*args, **kwargs)
         return func(*args, **kwargs)
@@ -233,11 +238,20 @@ class EnergyRecorder:
         self._acc: list[torch.Tensor] = []
         self._weights: list[torch.Tensor] = []
         self.n_images = 0
+        self.error: str | None = None
         self._hooks: list = []
 
     def attach(self, snn) -> None:
+        """Compute the fan-out and hook `snn`'s IF neurons. A network whose synapses cannot
+        be counted (EnergyError) is not hooked: `summary()` then reports the error, and
+        the evaluation itself goes on."""
         self.detach()
-        self.fan = synaptic_fanout(snn, self.input_shape)
+        self.error = None
+        try:
+            self.fan = synaptic_fanout(snn, self.input_shape)
+        except EnergyError as e:
+            self.fan, self.error = None, str(e)
+            return
         dev = self.fan.fanout[0].device
         # per layer: [N, 2] = (1, F(p)); counts [k, N] @ it = (spikes, SOPs) per step, in float64
         self._weights = [torch.stack([torch.ones_like(f), f], 1) for f in self.fan.fanout]
@@ -290,7 +304,10 @@ class EnergyRecorder:
         return {"spikes": [s.cpu() for s in self.spikes], "sops": [s.cpu() for s in self.sops]}
 
     def summary(self, Ts: Sequence[int], ann_macs: int) -> dict[str, Any]:
-        """result.json's `energy` block (per image; see module docstring)."""
+        """result.json's `energy` block (per image; see module docstring). When the synapses
+        could not be counted: {"error": message, "ann_macs": ..., "ann_uJ": ...}."""
+        if self.error is not None:
+            return dict(error=self.error, ann_macs=int(ann_macs), ann_uJ=self.constants.e_mac_pJ * ann_macs * 1e-6)
         if self.fan is None or self.n_images == 0:
             raise EnergyError("nothing was recorded (attach the recorder and simulate first)")
         c = self.constants

@@ -259,7 +259,7 @@ def energy_metrics(result: Mapping[str, Any]) -> list[tuple[str, float, int]]:
     energy/<x>_by_T (step = T); energy/firing_rate/<l03_layer> (step = T);
     energy/{ann_uJ,ann_macs,first_layer_macs} (step 0). [] without an energy block."""
     e = result.get("energy")
-    if not e:
+    if not e or "by_T" not in e:
         return []
     out: list[tuple[str, float, int]] = [("energy/ann_uJ", float(e["ann_uJ"]), 0),
                                          ("energy/ann_macs", float(e["ann_macs"]), 0),

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import harness
@@ -268,3 +269,37 @@ def test_finish_writes_the_energy_block(tmp_path):
     assert set(e["by_T"]["4"]) == {"spikes", "sops", "macs", "uJ", "ratio_to_ann", "firing_rate"}
     assert saved["input_shape"] == [1, 8, 8] and saved["model_adaptations"] == []
     assert result["energy"] == e
+
+
+def test_constant_scaling_keeps_the_fanout_and_an_uncountable_net_does_not_stop_the_evaluation():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.act1 = nn.Conv2d(1, 2, 3, padding=1), NQ(4, 1.0)
+            self.gamma = nn.Parameter(torch.full((1, 2, 1, 1), 0.5))
+            self.conv2, self.act2, self.fc = nn.Conv2d(2, 2, 3, padding=1), NQ(4, 1.0), nn.Linear(2, 3)
+
+        def forward(self, x):
+            a = self.act1(self.conv1(x)) * self.gamma * 0.5
+            return self.fc(self.act2(self.conv2(a)).mean((2, 3)))
+
+    m = _randomise(Scaled())
+    fan = synaptic_fanout(harness.to_snn(m), (1, 5, 5))
+    plain = synaptic_fanout(harness.to_snn(_randomise(harness.create_model("cnn_small", in_chans=1, width=2))),
+                            (1, 8, 8))
+    assert fan.fanout[0].view(2, 5, 5)[0, 2, 2] == 2 * 9 and fan.fanout[1].tolist() == [3.0] * 50
+    assert plain.fanout[0].numel() == 2 * 8 * 8
+
+    class Odd(nn.Module):  # an op the counter does not know scales the spikes (avg_pool1d)
+        def __init__(self):
+            super().__init__()
+            self.lin, self.act, self.fc = nn.Linear(4, 4), NQ(4, 1.0), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.fc(F.avg_pool1d(self.act(self.lin(x)).unsqueeze(1), 3, 1).squeeze(1))
+
+    m = _randomise(Odd())
+    rec = EnergyRecorder((4,), 3)
+    with observe_conversions(rec.attach):
+        accs = evaluate_snn(m, [(torch.randn(2, 4), torch.tensor([0, 1]))], 3)
+    assert len(accs) == 3 and "non-integer fan-out" in rec.summary([1, 3], ann_macs=24)["error"]
