@@ -114,12 +114,19 @@ class ModelCfg(Section):
     # authors' MPLayer, putshua/ANN_SNN_QCFS); "qcfs_iclr" clips after it
     # (putshua/SNN_conversion_QCFS). Forward values are identical.
     grad: GradFormulation = "nq"
+    # timm/<name> models: adapt the stem (and VGG's head) to 32x32 input (harness.models.from_timm)
+    cifar_stem: bool = False
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        from harness.models import list_models
+        from harness.models import TIMM_PREFIX, list_models
 
+        if arch.startswith(TIMM_PREFIX):
+            import timm
+            if not timm.is_model(arch[len(TIMM_PREFIX):]):
+                raise expected_error(f"{TIMM_PREFIX}<name> with a name from timm.list_models()")
+            return arch
         if arch not in list_models():
             raise expected_error("one of: " + ", ".join(list_models()))
         return arch

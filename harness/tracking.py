@@ -390,6 +390,27 @@ def final_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def energy_metrics(result: Mapping[str, Any]) -> list[tuple[str, float, int]]:
+    """(name, value, step) of result.json's `energy` block (harness.energy), per image:
+    energy/{sops,spikes,uJ,ratio_to_ann,firing_rate}_T04 (step 0) and the same as series
+    energy/<x>_by_T (step = T); energy/firing_rate/<l03_layer> (step = T);
+    energy/{ann_uJ,ann_macs,first_layer_macs} (step 0). [] without an energy block."""
+    e = result.get("energy")
+    if not e or "by_T" not in e:
+        return []
+    out: list[tuple[str, float, int]] = [("energy/ann_uJ", float(e["ann_uJ"]), 0),
+                                         ("energy/ann_macs", float(e["ann_macs"]), 0),
+                                         ("energy/first_layer_macs", float(e["first_layer_macs"]), 0)]
+    for t, rec in e["by_T"].items():
+        for key in ("sops", "spikes", "uJ", "ratio_to_ann", "firing_rate"):
+            if rec.get(key) is not None:
+                out.append((f"energy/{key}_{t_name(int(t))}", float(rec[key]), 0))
+                out.append((f"energy/{key}_by_T", float(rec[key]), int(t)))
+        for i, (layer, rate) in enumerate(zip(e["layers"], e["per_layer"][t]["firing_rate"])):
+            out.append((f"energy/firing_rate/{layer_name(i, layer)}", float(rate), int(t)))
+    return out
+
+
 def log_final(c, run_id: str, result: Mapping[str, Any], out_dir: Path,
               files: Iterable[str] = ("result.json", "residual_hist.json")) -> None:
     """Final metrics, the by-T series, the artifacts and the selected model (from best.pt)."""
@@ -400,7 +421,9 @@ def log_final(c, run_id: str, result: Mapping[str, Any], out_dir: Path,
     metrics = [Metric(k, v, ts, 0) for k, v in final_metrics(result).items()]
     # accuracy against T as one series (step = T): MLflow draws the latency curve
     metrics += [Metric("final/snn_test_acc_by_T", float(v), ts, int(t)) for t, v in result["snn_test_acc"].items()]
-    retry(lambda: c.log_batch(run_id, metrics=metrics))
+    metrics += [Metric(k, v, ts, step) for k, v, step in energy_metrics(result)]
+    for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        retry(lambda: c.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH]))
     for name in files:
         if (out_dir / name).exists():
             retry(lambda: c.log_artifact(run_id, str(out_dir / name)))

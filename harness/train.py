@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 from .calibration import Calibrator, LocalCalibrator, ResidualStats, get_deltas, set_deltas
 from .config import Config, ConfigError
-from .convert import activation_layers, to_snn
+from .convert import activation_layers, observe_conversions, to_snn
 from .data import CalibrationSet, Dataset, Loader, load_dataset
+from .energy import EnergyRecorder
 from .errors import BAD_INPUT, HarnessError
 from .io import atomic_torch_save, atomic_write_json
 from .models import create_model
@@ -267,7 +268,11 @@ def build(cfg: Config, out_dir: str | Path, calibrator: Calibrator | None = None
     mem_fmt = torch.channels_last if device.type == "cuda" and t_cfg.channels_last else torch.contiguous_format
     torch.manual_seed(t_cfg.seed)
     model = create_model(cfg.model.arch, num_classes=data.num_classes, in_chans=data.in_chans, L=cfg.model.L,
-                         lam_init=cfg.model.lam_init, grad=cfg.model.grad).to(device, memory_format=mem_fmt)
+                         lam_init=cfg.model.lam_init, grad=cfg.model.grad,
+                         cifar_stem=cfg.model.cifar_stem).to(device, memory_format=mem_fmt)
+    # timm metadata of the input this model is trained on (to_snn traces with it; NIR export records it)
+    model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "num_classes": data.num_classes,
+                            "input_size": tuple(data.test_x.shape[1:]), "mean": tuple(data.mean), "std": tuple(data.std)}
     acts = activation_layers(model)
     lam_ids = {id(a.lam) for _, a in acts}
     wd = t_cfg.weight_decay
@@ -421,7 +426,13 @@ def finish(trial: Trial, state: TrialState) -> dict:
     best = _load(trial.out / BEST)
     model.load_state_dict(best["model"])  # with its delta_trained buffers
     test = trial.loaders["test"]
-    accs = evaluate_snn(model, test.eval_batches(), max(cfg.eval.T))
+    input_shape = tuple(trial.data.test_x.shape[1:])
+    # the final evaluation also counts spikes, SOPs and energy (harness.energy), from the same simulation
+    energy = EnergyRecorder(input_shape, max(cfg.eval.T))
+    with observe_conversions(energy.attach):  # hooks the IF neurons of the SNN that evaluate_snn makes
+        accs = evaluate_snn(model, test.eval_batches(), max(cfg.eval.T))
+    energy.detach()
+    macs = count_macs(model, input_shape)
     noisy = cfg.noise.mode != "qcfs" and any(d > 0 for d in best["delta_trained"])
     best_rec = next(r for r in state.history if r["epoch"] == state.best_epoch)
     final_stats = trial.calibrator.calibrate(model, tau=cfg.noise.tau, trial_id=trial.trial_id, epoch=None)
@@ -433,9 +444,10 @@ def finish(trial: Trial, state: TrialState) -> dict:
         snn_test_acc={str(t): accs[t - 1] for t in cfg.eval.T},
         best_epoch=state.best_epoch, selected_on=cfg.eval.select_on, select_T=cfg.eval.select_T,
         layers=trial.layers, delta_trained=best["delta_trained"], delta_next=best["delta_next"],
-        calibration=trial.calib_set.describe(), data=trial.data.describe(),
-        num_classes=trial.data.num_classes, input_shape=list(trial.data.test_x.shape[1:]),
-        macs=count_macs(model, tuple(trial.data.test_x.shape[1:])),
+        calibration=trial.calib_set.describe(), data=trial.data.describe(), num_classes=trial.data.num_classes,
+        macs=macs, input_shape=list(input_shape), input_mean=list(trial.data.mean), input_std=list(trial.data.std),
+        model_adaptations=list(getattr(model, "harness_adaptations", [])),
+        energy=energy.summary(cfg.eval.T, ann_macs=macs),
         history=state.history,
     )
     hist = dict(layers=final_stats.layers, lam=final_stats.lam, edges=final_stats.hist_edges,

@@ -168,7 +168,7 @@ def test_flat_keys():
     assert flat["data.synthetic.num_train"] == 2000
     assert flat["noise.mode"] == "layerwise"
     assert all(not isinstance(v, (dict, list)) for v in flat.values())
-    assert len(flat) == 42
+    assert len(flat) == 43
 
 
 def test_dict_round_trip():

@@ -6,10 +6,12 @@ from functools import partial
 from torch import nn
 
 from ..neurons import NQ
-from ._registry import register
+from ._registry import TimmMethodsMixin, register
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(TimmMethodsMixin, nn.Module):
+    _classifier_name = "classifier.3"
+
     def __init__(self, num_classes=10, in_chans=1, width=32, act_layer=partial(NQ, 4, 2.0)):
         super().__init__()
         w = width
@@ -22,11 +24,17 @@ class SmallCNN(nn.Module):
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8 * w, 128), act_layer(),
                                         nn.Linear(128, num_classes))
+        self.num_classes, self.num_features, self.head_hidden_size = num_classes, 8 * w, 128
 
-    def forward(self, x):
-        return self.classifier(self.features(x))
+    def forward_features(self, x):
+        return self.features(x)
+
+    def _pre_logits(self, x):
+        for layer in list(self.classifier)[:-1]:
+            x = layer(x)
+        return x
 
 
-@register("cnn_small")
+@register("cnn_small", first_conv="features.0", classifier="classifier.3", input_hw=(8, 8))
 def cnn_small(num_classes=10, in_chans=1, width=32, act_layer=partial(NQ, 4, 2.0)):
     return SmallCNN(num_classes, in_chans, width, act_layer)

@@ -9,7 +9,7 @@ from functools import partial
 from torch import nn
 
 from ..neurons import NQ
-from ._registry import register
+from ._registry import TimmMethodsMixin, register
 
 
 class BasicBlock(nn.Module):
@@ -30,7 +30,9 @@ class BasicBlock(nn.Module):
         return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(TimmMethodsMixin, nn.Module):
+    _classifier_name = "fc"
+
     def __init__(self, widths, blocks, num_classes=10, in_chans=3, act_layer=partial(NQ, 4, 8.0)):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False),
@@ -46,6 +48,7 @@ class CifarResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(c, num_classes)
+        self.num_classes, self.num_features, self.head_hidden_size = num_classes, c, c
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -53,15 +56,18 @@ class CifarResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x):
-        return self.fc(self.flatten(self.pool(self.stages(self.stem(x)))))
+    def forward_features(self, x):
+        return self.stages(self.stem(x))
+
+    def _pre_logits(self, x):
+        return self.flatten(self.pool(x))
 
 
-@register("resnet18")
+@register("resnet18", first_conv="stem.0", classifier="fc")
 def resnet18(num_classes=10, in_chans=3, act_layer=partial(NQ, 4, 8.0)):
     return CifarResNet([64, 128, 256, 512], [2, 2, 2, 2], num_classes, in_chans, act_layer)
 
 
-@register("resnet20")
+@register("resnet20", first_conv="stem.0", classifier="fc")
 def resnet20(num_classes=10, in_chans=3, act_layer=partial(NQ, 4, 8.0)):
     return CifarResNet([16, 32, 64], [3, 3, 3], num_classes, in_chans, act_layer)
