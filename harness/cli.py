@@ -1,4 +1,4 @@
-"""`harness train | sweep | report`: the one place that parses argv.
+"""`harness train | sweep | report | export-nir`: the one place that parses argv.
 
 Exit codes: 0 success; 2 bad input of any kind (config, search space, data, paths,
 resources), with one line on stderr; 1 a failure while a run was under way; 130 an
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "Ray Tune sweeps, MLflow tracking and paper tables.",
                                 epilog="exit codes: 0 ok, 1 a run failed, 2 bad input, 130 interrupted")
     p.add_argument("--version", action="version", version=f"harness {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="{train,sweep,report}")
+    sub = p.add_subparsers(dest="command", metavar="{train,sweep,report,export-nir}")
     sub.required = True
 
     t = sub.add_parser("train", help="train one NQ/QCFS trial and evaluate its SNN",
@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-attach", action="store_true",
                    help="do not log the tables and index.md as artifacts of the parent run")
     r.set_defaults(func=_report)
+
+    n = sub.add_parser("export-nir", help="write the NIR graph of a finished run's converted SNN",
+                       description="Write the NIR graph (nir.NIRGraph, HDF5) of a finished run's converted SNN: "
+                                   "BN folded into the weights, IF nodes with v_threshold = lambda; the harness "
+                                   "semantics (reset by subtraction, v(0) = theta/2, fire on >=) in the metadata.")
+    n.add_argument("run_dir", help="a finished run (result.json and best.pt)")
+    n.add_argument("out", help="the .nir file to write")
+    n.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="weights and thresholds (default float32)")
+    n.add_argument("--checkpoint", default="best.pt", help="checkpoint file in RUN_DIR (default best.pt)")
+    n.set_defaults(func=_export_nir)
     return p
 
 
@@ -97,6 +108,15 @@ def _sweep(a: argparse.Namespace) -> int:
 def _report(a: argparse.Namespace) -> int:
     from .report.cli import run
     print(run(a.experiment, a.tracking_uri, a.out, a.format, a.parent, a.per_trial, attach=not a.no_attach))
+    return 0
+
+
+def _export_nir(a: argparse.Namespace) -> int:
+    from .nir_export import SEMANTICS, export_run
+    g = export_run(a.run_dir, a.out, dtype=a.dtype, checkpoint=a.checkpoint)
+    n_if = sum(1 for node in g.nodes.values() if type(node).__name__ == "IF")
+    print(f"wrote {a.out}: {len(g.nodes)} nodes ({n_if} IF), {len(g.edges)} edges; semantics {SEMANTICS} "
+          "(reset by subtraction, v(0) = theta/2, fire on >=: see the IF nodes' metadata)")
     return 0
 
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import json
 import operator
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -258,14 +257,77 @@ def _if_node(b: _Builder, expr: _Expr, m: IFNeuron, base: str) -> _Expr:
     return _Expr([_Term(n, theta, False)], shape)
 
 
+def _module_node(b: "_Builder", net: nn.Module, node, x: Any, val: Any) -> "_Expr":
+    """The expression of a call_module node (its module applied to the signal `x`)."""
+    m = net.get_submodule(node.target)
+    base = str(node.target)
+    if not isinstance(x, _Expr):
+        raise ExportError(f"'{base}' gets no traced signal")
+    if isinstance(m, IFNeuron):
+        e = _if_node(b, x, m, base)
+    elif isinstance(m, (nn.Conv2d, nn.Linear)):
+        e = _conv_like(b, x, m, _shape(val), base)
+    elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        e = _batchnorm(b, x, m, base)
+    elif isinstance(m, nn.AvgPool2d):
+        if m.ceil_mode or (not m.count_include_pad and _pair(m.padding) != (0, 0)) \
+                or m.divisor_override is not None:
+            raise ExportError(f"'{base}': AvgPool2d with ceil_mode, divisor_override or padding "
+                              "excluded from the count is not a uniform sum pool")
+        e = _pool(b, x, m.kernel_size, m.stride if m.stride is not None else m.kernel_size,
+                  m.padding, _shape(val), base)
+    elif isinstance(m, nn.AdaptiveAvgPool2d):
+        H, W = x.shape[-2:]
+        oh, ow = _shape(val)[-2:]
+        if H % oh or W % ow:
+            raise ExportError(f"'{base}': adaptive pooling {H}x{W} -> {oh}x{ow} has unequal windows")
+        e = x if (oh, ow) == (H, W) else _pool(b, x, (H // oh, W // ow), (H // oh, W // ow), 0,
+                                              _shape(val), base)
+    elif isinstance(m, nn.Flatten):
+        nd = len(x.shape) + 1
+        e = _flatten(b, x, m.start_dim % nd, m.end_dim % nd if m.end_dim < 0 else m.end_dim,
+                     _shape(val), base)
+    elif isinstance(m, (nn.Dropout, nn.Identity)):
+        e = x
+    else:
+        raise ExportError(f"'{base}' ({type(m).__name__}) has no NIR mapping here")
+    return e
+
+
+def _function_node(b: "_Builder", node, xs: list, val: Any, path: str) -> Any:
+    """The expression of a call_function / call_method node with arguments `xs` (a plain
+    value when no argument is a signal)."""
+    t = node.target
+    base = f"{path}.{node.name}" if path else node.name
+    if not any(isinstance(a, _Expr) for a in xs):
+        return val  # shapes, sizes: plain values
+    if t in (operator.add, operator.iadd, torch.add) or t in ("add", "add_"):
+        if not all(isinstance(a, _Expr) for a in xs[:2]) or node.kwargs.get("alpha", 1) != 1:
+            raise ExportError(f"'{base}': only the sum of two signals is exported (a constant is a bias)")
+        e = _Expr(xs[0].terms + xs[1].terms, xs[0].shape)
+    elif t in (torch.flatten, "flatten"):
+        start = xs[1] if len(xs) > 1 else node.kwargs.get("start_dim", 0)
+        end = xs[2] if len(xs) > 2 else node.kwargs.get("end_dim", -1)
+        nd = len(xs[0].shape) + 1
+        e = _flatten(b, xs[0], start % nd, end % nd, _shape(val), base)
+    elif t in ("view", "reshape") and len(_shape(val)) == 1:
+        e = _flatten(b, xs[0], 1, len(xs[0].shape), _shape(val), base)
+    elif t in (F.dropout, "contiguous", "clone"):
+        e = xs[0]
+    else:
+        name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+        raise ExportError(f"'{base}': {name} has no NIR mapping here")
+    return e
+
+
 def to_nir(snn: SpikingNet, input_shape: Sequence[int], dtype=np.float32,
            metadata: dict[str, Any] | None = None):
     """The NIR graph of a converted network (module docstring). `input_shape` = (C, H, W)."""
     import nir
 
     net = snn.net.eval()
-    example = torch.zeros(1, *input_shape, dtype=next(net.parameters()).dtype,
-                          device=next(net.parameters()).device)
+    p0 = next(net.parameters())
+    example = torch.zeros(1, *input_shape, dtype=p0.dtype, device=p0.device)
     snn.reset()
     try:
         graph, tracer = trace(net, example)
@@ -294,62 +356,13 @@ def to_nir(snn: SpikingNet, input_shape: Sequence[int], dtype=np.float32,
             out_expr = arg(0)
             continue
         if node.op == "call_module":
-            m = net.get_submodule(node.target)
-            x = arg(0)
-            base = str(node.target)
-            if not isinstance(x, _Expr):
-                raise ExportError(f"'{base}' gets no traced signal")
-            if isinstance(m, IFNeuron):
-                e = _if_node(b, x, m, base)
-            elif isinstance(m, (nn.Conv2d, nn.Linear)):
-                e = _conv_like(b, x, m, _shape(val), base)
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                e = _batchnorm(b, x, m, base)
-            elif isinstance(m, nn.AvgPool2d):
-                if m.ceil_mode or (not m.count_include_pad and _pair(m.padding) != (0, 0)) \
-                        or m.divisor_override is not None:
-                    raise ExportError(f"'{base}': AvgPool2d with ceil_mode, divisor_override or padding "
-                                      "excluded from the count is not a uniform sum pool")
-                e = _pool(b, x, m.kernel_size, m.stride if m.stride is not None else m.kernel_size,
-                          m.padding, _shape(val), base)
-            elif isinstance(m, nn.AdaptiveAvgPool2d):
-                H, W = x.shape[-2:]
-                oh, ow = _shape(val)[-2:]
-                if H % oh or W % ow:
-                    raise ExportError(f"'{base}': adaptive pooling {H}x{W} -> {oh}x{ow} has unequal windows")
-                e = x if (oh, ow) == (H, W) else _pool(b, x, (H // oh, W // ow), (H // oh, W // ow), 0,
-                                                      _shape(val), base)
-            elif isinstance(m, nn.Flatten):
-                nd = len(x.shape) + 1
-                e = _flatten(b, x, m.start_dim % nd, m.end_dim % nd if m.end_dim < 0 else m.end_dim,
-                             _shape(val), base)
-            elif isinstance(m, (nn.Dropout, nn.Identity)):
-                e = x
-            else:
-                raise ExportError(f"'{base}' ({type(m).__name__}) has no NIR mapping here")
+            e = _module_node(b, net, node, arg(0), val)
         elif node.op in ("call_function", "call_method"):
-            t = node.target
             xs = [env.get(a.name) if isinstance(a, torch.fx.Node) else a for a in node.args]
-            base = f"{path}.{node.name}" if path else node.name
-            if not any(isinstance(a, _Expr) for a in xs):
-                env[node.name] = val  # shapes, sizes: plain values
+            e = _function_node(b, node, xs, val, path)
+            if not isinstance(e, _Expr):
+                env[node.name] = e  # shapes, sizes: plain values
                 continue
-            if t in (operator.add, operator.iadd, torch.add) or t in ("add", "add_"):
-                if not all(isinstance(a, _Expr) for a in xs[:2]) or node.kwargs.get("alpha", 1) != 1:
-                    raise ExportError(f"'{base}': only the sum of two signals is exported (a constant is a bias)")
-                e = _Expr(xs[0].terms + xs[1].terms, xs[0].shape)
-            elif t in (torch.flatten, "flatten"):
-                start = xs[1] if len(xs) > 1 else node.kwargs.get("start_dim", 0)
-                end = xs[2] if len(xs) > 2 else node.kwargs.get("end_dim", -1)
-                nd = len(xs[0].shape) + 1
-                e = _flatten(b, xs[0], start % nd, end % nd, _shape(val), base)
-            elif t in ("view", "reshape") and len(_shape(val)) == 1:
-                e = _flatten(b, xs[0], 1, len(xs[0].shape), _shape(val), base)
-            elif t in (F.dropout, "contiguous", "clone"):
-                e = xs[0]
-            else:
-                name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
-                raise ExportError(f"'{base}': {name} has no NIR mapping here")
         else:
             raise ExportError(f"unexpected fx node {node.op}")
         # a value used twice may not absorb scales for one of its users
@@ -419,7 +432,13 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32", che
     probe = create_model(cfg.model.arch, num_classes=2, **kw)
     head = (getattr(probe, "pretrained_cfg", None) or {}).get("classifier")
     head = head[0] if isinstance(head, (list, tuple)) else head
-    num_classes = int(state[f"{head}.weight"].shape[0]) if head and f"{head}.weight" in state else 10
+    if head and f"{head}.weight" in state:
+        num_classes = int(state[f"{head}.weight"].shape[0])
+    elif result.get("num_classes"):
+        num_classes = int(result["num_classes"])
+    else:
+        raise ExportError(f"{cpath}: cannot tell the number of classes (no classifier weight, no num_classes "
+                          "in result.json)")
     model = create_model(cfg.model.arch, num_classes=num_classes, **kw)
     model.load_state_dict(state)
     model.eval()
@@ -431,29 +450,3 @@ def export_run(run_dir: str | Path, out: str | Path, dtype: str = "float32", che
         if result.get(key) is not None:
             meta[f"harness.{key}"] = np.asarray(result[key], dtype=np.float64)
     return export_nir(snn, out, shape, dtype=np.float32 if dtype == "float32" else np.float64, metadata=meta)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m harness.nir_export RUN_DIR OUT.nir [--dtype float32|float64]` (what
-    `harness export-nir` runs)."""
-    import argparse
-    p = argparse.ArgumentParser(prog="harness export-nir", description="Write the NIR graph of a run's converted SNN.")
-    p.add_argument("run_dir", help="a finished run (result.json and best.pt)")
-    p.add_argument("out", help="the .nir file to write")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                   help="weights and thresholds (default float32)")
-    p.add_argument("--checkpoint", default="best.pt", help="checkpoint file in RUN_DIR (default best.pt)")
-    args = p.parse_args(argv)
-    try:
-        g = export_run(args.run_dir, args.out, dtype=args.dtype, checkpoint=args.checkpoint)
-    except HarnessError as e:
-        print(f"harness: {e}", file=sys.stderr)
-        return e.exit_code
-    n_if = sum(1 for n in g.nodes.values() if type(n).__name__ == "IF")
-    print(f"wrote {args.out}: {len(g.nodes)} nodes ({n_if} IF), {len(g.edges)} edges; semantics {SEMANTICS} "
-          "(reset by subtraction, v(0) = theta/2, fire on >=: see the IF nodes' metadata)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -297,3 +297,9 @@ def test_export_run_writes_the_selected_checkpoint(tmp_path):
     assert len(g.nodes) == len(back.nodes)
     with pytest.raises(ExportError, match="not a finished run"):
         export_run(tmp_path / "nothing", tmp_path / "x.nir")
+    # the same through `harness export-nir`: the file, its graph, and the one-line error (exit 2)
+    from harness.cli import main
+    assert main(["export-nir", str(tmp_path / "run"), str(tmp_path / "cli.nir")]) == 0
+    assert set(nir.read(str(tmp_path / "cli.nir")).nodes) == set(back.nodes)
+    assert main(["export-nir", str(tmp_path / "nothing"), str(tmp_path / "y.nir")]) == 2
+    assert not (tmp_path / "y.nir").exists()
