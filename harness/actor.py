@@ -68,7 +68,7 @@ def model_spec(cfg, num_classes: int, in_chans: int) -> dict[str, Any]:
     """create_model kwargs of a trial's network. lambda's initial value is irrelevant (the
     state dict overwrites it), so the config need not be resolved."""
     return dict(arch=cfg.model.arch, num_classes=num_classes, in_chans=in_chans, L=cfg.model.L,
-                lam_init=1.0, grad=cfg.model.grad)
+                lam_init=1.0, grad=cfg.model.grad, cifar_stem=cfg.model.cifar_stem)
 
 
 # ---------------------------------------------------------------- the history, persisted

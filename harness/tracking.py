@@ -446,7 +446,7 @@ def log_model(c, run_id: str, result: Mapping[str, Any], best: Path) -> None:
     cfg = Config.from_dict(result["config"])
     shape = result["input_shape"]
     model = create_model(cfg.model.arch, num_classes=result["num_classes"], in_chans=shape[0], L=cfg.model.L,
-                         lam_init=cfg.model.lam_init, grad=cfg.model.grad)
+                         lam_init=cfg.model.lam_init or 1.0, grad=cfg.model.grad, cifar_stem=cfg.model.cifar_stem)
     model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["model"])
     model.eval()
     example = np.zeros((1, *shape), dtype=np.float32)

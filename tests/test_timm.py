@@ -245,8 +245,8 @@ def test_timm_models_from_a_search_space_train_convert_and_match_a_step_loop(tmp
     space_file.write_text(SPACE.format())
     space = load_space(space_file)
     assert [t.cfg.model.arch for t in space.trials] == ["timm/resnet18", "timm/resnet34", "timm/vgg11_bn"]
-    for trial in space.trials:
-        out = tmp_path / trial.dirname
+    for i, trial in enumerate(space.trials):
+        out = tmp_path / f"trial{i}"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TimmAdaptationWarning)
             result = run(trial.cfg, out, progress=False)
@@ -257,6 +257,19 @@ def test_timm_models_from_a_search_space_train_convert_and_match_a_step_loop(tmp
         if trial.cfg.model.arch == "timm/vgg11_bn":
             assert sum(a["change"] == "max_pool_to_avg_pool" for a in saved["model_adaptations"]) == 5
         assert saved["energy"]["by_T"]["4"]["sops"] >= 0 and saved["energy"]["ann_macs"] == saved["macs"]
+        if i == 0:  # the MLflow model of a cifar_stem timm net is rebuilt with its stem and loads back
+            from harness import tracking
+            c = tracking.client(f"sqlite:///{tmp_path}/m.db")
+            run_id = c.create_run(c.create_experiment("timm", artifact_location=(tmp_path / "art").as_uri())).info.run_id
+            tracking.log_model(c, run_id, saved, out / "best.pt")
+            import mlflow.pytorch
+            mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+            back = mlflow.pytorch.load_model(f"runs:/{run_id}/model").eval()
+            ref = create_model(trial.cfg.model.arch, num_classes=saved["num_classes"], in_chans=3, L=trial.cfg.model.L,
+                               cifar_stem=True)
+            ref.load_state_dict(torch.load(out / "best.pt", weights_only=True)["model"])
+            x = torch.randn(2, 3, 32, 32)
+            torch.testing.assert_close(back(x), ref.eval()(x))
         # the trained, selected network: simulate == a plain step-by-step IF loop
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TimmAdaptationWarning)

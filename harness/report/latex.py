@@ -15,7 +15,7 @@ Every table is written to fit ``\\textwidth`` of ``\\documentclass[10pt]{article
   (:func:`text_width`); the compile test (``tests/test_report_latex.py``) checks
   the estimate with pdflatex;
 - the Δ statistics (t and bootstrap CIs, p-values) are a second table
-  (:func:`render_table1_stats_tex`, ``table1_stats.tex``), one row per Δ cell.
+  (:func:`render_table1_stats_tex`, ``table1_delta.tex``), one row per Δ cell.
 
 Only if a single value column per panel is still too wide (many long setting
 columns) does the table fall back to ``\\resizebox`` (graphicx), with a comment
@@ -386,7 +386,7 @@ def packages_comment(name: str) -> str:
 
 
 def preamble_tex() -> str:
-    lines = ["% Packages for the tables of `harness report` (table1.tex, table1_stats.tex, "
+    lines = ["% Packages for the tables of `harness report` (table1.tex, table1_delta.tex, "
              "table2.tex).",
              "% In the preamble of the paper: \\input{preamble.tex}; in the text: "
              "\\input{table1.tex}.",
