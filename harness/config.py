@@ -24,7 +24,7 @@ DEFAULT_LR = {"cifar100": 0.05}
 FALLBACK_LR = 0.1
 # dataset / architecture dependent defaults (Config.resolved)
 AUTO_KEYS = ("data.augment.crop_pad", "data.augment.flip", "data.augment.autoaugment",
-             "data.augment.cutout", "model.lam_init")
+             "data.augment.cutout", "model.lam_init", "train.lr")
 NATURAL_IMAGES = ("cifar10", "cifar100", "imagefolder")
 SMALL_MODELS = ("cnn_small",)
 QCFS_LAM_INIT, SMALL_LAM_INIT = 8.0, 2.0
@@ -217,6 +217,7 @@ class Config(Section):
         - model.lam_init: 8.0 (the QCFS initial threshold) for the CIFAR networks; 2.0 for
           cnn_small, whose activations rarely exceed 2 (from 8.0 a short run never
           brings lambda into range, and low-T accuracy measures the initialisation).
+        - train.lr: 0.05 for CIFAR-100, 0.1 otherwise (the paper's settings).
         Explicit values are kept. The resolved config is what result.json and MLflow record.
         """
         natural = self.data.name in NATURAL_IMAGES
@@ -227,6 +228,7 @@ class Config(Section):
             "data.augment.autoaugment": cifar_like,
             "data.augment.cutout": image_size // 2 if cifar_like else 0,
             "model.lam_init": SMALL_LAM_INIT if self.model.arch in SMALL_MODELS else QCFS_LAM_INIT,
+            "train.lr": self.train.resolved_lr(self.data.name),
         }
         d = self.to_dict()
         for key in self.auto_keys():

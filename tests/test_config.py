@@ -210,10 +210,11 @@ def test_resolved_defaults_depend_on_dataset_and_arch(name, arch, size, expected
     extra = ["data.root=/x"] if name == "imagefolder" else []
     cfg = load_config(overrides=[f"data.name={name}", f"model.arch={arch}", *extra])
     assert set(cfg.auto_keys()) == {"data.augment.crop_pad", "data.augment.flip", "data.augment.autoaugment",
-                                    "data.augment.cutout", "model.lam_init"}
+                                    "data.augment.cutout", "model.lam_init", "train.lr"}
     r = cfg.resolved(size)
     got = {**r.data.augment.model_dump(), "lam_init": r.model.lam_init}
     assert got == expected
+    assert r.train.lr == (0.05 if name == "cifar100" else 0.1)  # the paper's settings, now explicit
     assert r.auto_keys() == [] and r.resolved(size) == r
 
 

@@ -203,7 +203,8 @@ def test_result_records_protocol_and_resolved_defaults(tmp_path):
     assert cfg["model"]["lam_init"] == 2.0 and cfg["model"]["grad"] == "nq"
     assert res["defaults_resolved"] == {"data.augment.crop_pad": 1, "data.augment.flip": False,
                                         "data.augment.autoaugment": False, "data.augment.cutout": 0,
-                                        "model.lam_init": 2.0}
+                                        "model.lam_init": 2.0, "train.lr": 0.1}
+    assert cfg["train"]["lr"] == 0.1
     cal = res["calibration"]
     assert cal["n_images"] == 50 and sum(cal["class_counts"]) == 50 and len(cal["class_counts"]) == 10
     assert max(cal["class_counts"]) - min(cal["class_counts"]) <= 2
