@@ -1,7 +1,8 @@
 """Run the benchmarks and write one Markdown report.
 
     python benchmarks/run_all.py [--quick] [--threads N] [--out reports/benchmarks.md] [--reps R]
-                                 [--only simulate,data_pipeline,activation,calibration,sweep_overhead,accuracy_compute]
+                                 [--only simulate,data_pipeline,activation,calibration,actor_scale,
+                                        sweep_overhead,energy_overhead,report_scale,accuracy_compute]
                                  [--tracking-uri URI] [--experiment NAME]
 
 `--tracking-uri` / `--experiment` name the MLflow sweep that accuracy_compute reads
@@ -29,11 +30,14 @@ if __package__ in (None, ""):
 
 from benchmarks._common import ROOT, cpu_model
 
-ORDER = ["simulate", "data_pipeline", "activation", "calibration", "sweep_overhead", "accuracy_compute"]
+ORDER = ["simulate", "data_pipeline", "activation", "calibration", "actor_scale", "sweep_overhead",
+         "energy_overhead", "report_scale", "accuracy_compute"]
 TITLES = {"simulate": "Simulation", "data_pipeline": "Data pipeline", "activation": "Activation",
-          "calibration": "Calibration overhead", "sweep_overhead": "Sweep overhead",
-          "accuracy_compute": "Accuracy per unit of compute"}
-ALIASES = {"acc": "accuracy_compute", "data": "data_pipeline", "sweep": "sweep_overhead", "calib": "calibration", "sim": "simulate"}
+          "calibration": "Calibration overhead", "actor_scale": "Calibration actor under load",
+          "sweep_overhead": "Sweep overhead", "energy_overhead": "Energy accounting overhead",
+          "report_scale": "Report at scale", "accuracy_compute": "Accuracy per unit of compute"}
+ALIASES = {"acc": "accuracy_compute", "data": "data_pipeline", "sweep": "sweep_overhead", "calib": "calibration", "sim": "simulate",
+           "actor": "actor_scale", "energy": "energy_overhead", "report": "report_scale"}
 
 
 def _version(dist: str) -> str:

@@ -100,7 +100,7 @@ def test_sigint_after_two_finished_then_report_and_resume(tmp_path):
         mode = label.split(",")[0].split("=")[1]
         n_done = sum(1 for d in done if d.startswith(f"mode={mode},"))
         assert "**KILLED**" in ln and f", {method[mode]}" in ln, ln
-        assert f"n = {n_done} of 2 planned trials" in ln, ln
+        assert f"n = {n_done} of the 2 trials of this cell that started" in ln, ln
 
     c, kids2, finals, trials = check_resumed(tmp_path, uri, name, args, parent.info.run_id, f"{storage}/{name}", 1)
     assert {label: r.info.run_id for label, r in kids2.items()} == {label: r.info.run_id for label, r in kids.items()}

@@ -45,6 +45,9 @@ def statuses(c, exp, parent):
 def test_normalize_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert tracking.normalize_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(tracking.TrackingError, match="does not exist"):  # no folder made behind the user's back
+        tracking.normalize_uri("sqlite:///rel/m.db")
+    (tmp_path / "rel").mkdir()
     assert tracking.normalize_uri("sqlite:///rel/m.db") == f"sqlite:///{tmp_path}/rel/m.db"
     assert tracking.normalize_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     for bad in ("file:///tmp/mlruns", "./mlruns", "sqlite:///:memory:", "sqlite:///"):

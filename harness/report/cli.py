@@ -127,8 +127,8 @@ def not_finished_lines(col: Collected) -> list[str]:
         where = f"{t['dataset']}, {arch_label(t['arch'])}, {t['method']}" + (
             f" ({settings})" if settings else "")
         lines.append(f"- `{t['trial']}` (run `{str(t['run_id'])[:8]}`): **{t['status']}** — "
-                     f"{where}, seed {t['seed']}. Its cells have n = {n_done} of {n_all} "
-                     "planned trials.")
+                     f"{where}, seed {t['seed']}. Its cells have n = {n_done} of the {n_all} "
+                     "trials of this cell that started.")
     return lines
 
 
