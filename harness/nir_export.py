@@ -257,6 +257,15 @@ def _if_node(b: _Builder, expr: _Expr, m: IFNeuron, base: str) -> _Expr:
     return _Expr([_Term(n, theta, False)], shape)
 
 
+GRAPH_NOTES = {  # how to read the graph, in its metadata
+    "harness.neuron": "IF nodes: v[t] = v[t-1] + I[t] (dt = 1, r = 1); spike when v >= v_threshold; "
+                      "then v -= v_threshold (reset by subtraction); v[0] = harness.v_init (theta/2); "
+                      "spikes are 1, the weights they feed carry lambda",
+    "harness.input": "the normalised image (x - mean) / std, the same analog input at every step",
+    "harness.output": "logits of one step; the SNN's prediction at T is the mean of steps 1..T",
+    "harness.time": "discrete steps; all nodes update within a step in edge order (no delays)"}
+
+
 def _module_node(b: "_Builder", net: nn.Module, node, x: Any, val: Any) -> "_Expr":
     """The expression of a call_module node (its module applied to the signal `x`)."""
     m = net.get_submodule(node.target)
@@ -373,14 +382,7 @@ def to_nir(snn: SpikingNet, input_shape: Sequence[int], dtype=np.float32,
         raise ExportError("the network's output is not a traced signal")
     b.nodes["output"] = nir.Output(output_type={"output": np.array(out_expr.shape)})
     b.sink(out_expr, "output")
-    meta = {"harness.semantics": SEMANTICS,
-            "harness.neuron": "IF nodes: v[t] = v[t-1] + I[t] (dt = 1, r = 1); spike when v >= v_threshold; "
-                              "then v -= v_threshold (reset by subtraction); v[0] = harness.v_init (theta/2); "
-                              "spikes are 1, the weights they feed carry lambda",
-            "harness.input": "the normalised image (x - mean) / std, the same analog input at every step",
-            "harness.output": "logits of one step; the SNN's prediction at T is the mean of steps 1..T",
-            "harness.time": "discrete steps; all nodes update within a step in edge order (no delays)"}
-    meta.update(metadata or {})
+    meta = {"harness.semantics": SEMANTICS, **GRAPH_NOTES, **(metadata or {})}
     return b.finish(meta)
 
 
