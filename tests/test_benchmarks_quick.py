@@ -156,7 +156,7 @@ def test_accuracy_compute_reads_the_newest_parents_finished_trials(tmp_path):
     qcfs, nq = Config.from_dict({"noise": {"mode": "qcfs"}}), Config.from_dict({})
 
     def child(parent, label, cfg, result=None, metrics=None, status="FINISHED"):
-        rid = tracking.create_child(c, exp, parent, label, cfg)
+        rid = tracking.create_child(c, exp, parent, label, cfg.method)
         if result is not None:
             f = tmp_path / label / "result.json"
             f.parent.mkdir()

@@ -36,8 +36,8 @@ def test_sweep_through_a_tracking_server(tmp_path):
             assert r.data.tags["ray.node_id"] and r.data.tags["ray.node_ip"]
             assert_complete(c, r, EPOCHS)
             for key in r.data.metrics:  # every metric's full per-epoch history
-                want = [0] if key.startswith("final/") and key != "final/snn_test_acc_by_T" else None
-                if key == "final/snn_test_acc_by_T":
+                want = [0] if key.startswith(("final/", "energy/")) and not key.endswith("_by_T") else None
+                if key.endswith("_by_T") or key.startswith("energy/firing_rate/"):  # series over T
                     want = [1, 2, 4]
                 assert steps(c, r.info.run_id, key) == (want or list(range(1, EPOCHS + 1))), (label, key)
             full = c.get_run(r.info.run_id)
@@ -83,7 +83,7 @@ def test_32_trials_on_sqlite_lose_no_metric_point(tmp_path):
     keys = None
     points = 0
     for label, r in kids.items():
-        per_epoch = {k: v for k, v in counts[r.info.run_id].items() if not k.startswith("final/")}
+        per_epoch = {k: v for k, v in counts[r.info.run_id].items() if not k.startswith(("final/", "energy/"))}
         assert all(v == (1, 1, 1) for v in per_epoch.values()), (label, per_epoch)  # one epoch: one point, step 1
         keys = keys or set(per_epoch)
         assert set(per_epoch) == keys, label  # every trial logged the same metrics

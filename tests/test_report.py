@@ -584,7 +584,7 @@ def test_newest_parent_by_default_and_status(stats_store, stats_report):
     missing = index.split("## Trials not reported", 1)[1].split("## Table 1", 1)[0]
     assert "`resnet20_layerwise_d0.0_s5`" in missing and "**KILLED**" in missing
     assert "`resnet20_qcfs_d0.0_s5`" in missing and "**RUNNING**" in missing
-    assert "n = 5 of 6 planned" in missing
+    assert "n = 5 of the 6 trials of this cell that started" in missing
     assert index.index("## Trials not reported") < index.index("## Table 1")
 
 

@@ -44,7 +44,7 @@ def one_line_error(capsys, argv, code):
 
 
 @pytest.mark.parametrize("changes, expected", [
-    ({"grid": {"model.depth": [1, 2]}}, "config error: unknown key grid.model.depth (accepted: arch, L, lam_init, grad)"),
+    ({"grid": {"model.depth": [1, 2]}}, "config error: unknown key grid.model.depth (accepted: arch, L, lam_init, grad, cifar_stem)"),
     ({"grid": {"train.seed": []}}, "config error: grid.train.seed = [] (expected a non-empty list"),
     ({"grid": {"noise.mode": ["qcfs", "bogus"]}}, "config error: grid.noise.mode = 'bogus' (expected one of:"),
     ({"model": {"arch": "cnn_small", "L": 0}}, "config error: model.L = 0 (expected an integer >= 1)"),
@@ -64,7 +64,7 @@ def one_line_error(capsys, argv, code):
     ({"sample": {"noise.mode": {"choice": ["qcfs"]}}},
      "config error: sample.noise.mode is also a grid axis (expected each key in grid or sample, not both)"),
     ({"sample": {"model.depth": {"choice": [1, 2]}}},
-     "config error: unknown key sample.model.depth (accepted: arch, L, lam_init, grad)"),
+     "config error: unknown key sample.model.depth (accepted: arch, L, lam_init, grad, cifar_stem)"),
     ({"sample": {"model.L": {"randint": [0, 4]}}}, "config error: sample.model.L = 0 (expected an integer >= 1)"),
     ({"sample": {"noise.tau": {"choice": [4, -1]}}}, "config error: sample.noise.tau = -1"),
     ({"grid": {}, "sample": {"train.seed": {"randint": [0, 3]}}},

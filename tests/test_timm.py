@@ -264,11 +264,11 @@ def test_timm_models_from_a_search_space_train_convert_and_match_a_step_loop(tmp
             tracking.log_model(c, run_id, saved, out / "best.pt")
             import mlflow.pytorch
             mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
-            back = mlflow.pytorch.load_model(f"runs:/{run_id}/model").eval()
+            back = mlflow.pytorch.load_model(f"runs:/{run_id}/model")  # an exported graph, traced in eval mode
             ref = create_model(trial.cfg.model.arch, num_classes=saved["num_classes"], in_chans=3, L=trial.cfg.model.L,
                                cifar_stem=True)
             ref.load_state_dict(torch.load(out / "best.pt", weights_only=True)["model"])
-            x = torch.randn(2, 3, 32, 32)
+            x = torch.randn(1, 3, 32, 32)  # the exported graph has the input example's batch of 1
             torch.testing.assert_close(back(x), ref.eval()(x))
         # the trained, selected network: simulate == a plain step-by-step IF loop
         with warnings.catch_warnings():
