@@ -36,7 +36,7 @@ from . import protocol
 from .collect import NA, arch_label, dataset_display, setting_label
 from .stats import CONFIDENCE, MIN_N_BOOT, MIN_N_TEST, N_BOOT, Paired, Stat, fmt_p
 
-from .tables import LOW_T, TOLERANCE, Block
+from .tables import LOW_T, TOLERANCE, Block, latex_escape
 
 __all__ = ["PACKAGES", "TEXTWIDTH_PT", "preamble_tex", "render_table1_tex",
            "render_table1_delta_tex", "table1_layout", "delta_layout", "render_table2_tex", "text_width", "si_cell",
@@ -64,18 +64,10 @@ SISETUP = (r"\sisetup{uncertainty-mode=separate, table-align-uncertainty=false, 
 DAGGER_TEX = r"{\rlap{$^\dagger$}}"   # zero width: the column keeps its alignment
 MISSING = "{--}"
 
-_TEX_SPECIAL = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-    "±": r"$\pm$", "δ": r"$\delta$", "τ": r"$\tau$", "λ": r"$\lambda$", "Δ": r"$\Delta$",
-    "−": r"$-$", "—": "--", "–": "--", "≤": r"$\leq$", "≥": r"$\geq$", "†": r"$^\dagger$",
-    "“": "``", "”": "''", "≈": r"$\approx$", "×": r"$\times$", "<": r"$<$", ">": r"$>$",
-    "μ": r"$\mu$", "σ": r"$\sigma$", "√": r"$\surd$", "↳": "",
-}
 
 
 def tex_escape(text: str) -> str:
-    return "".join(_TEX_SPECIAL.get(ch, ch) for ch in str(text))
+    return latex_escape(text)
 
 
 def tex_text(text: str) -> str:
