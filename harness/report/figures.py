@@ -169,16 +169,7 @@ _SNN_EPOCH_RE = re.compile(r"^snn/(val|test)_acc_T(\d+)$")
 def _sel_key(hist: pd.DataFrame, select_T: str | None = None,
              select_on: str | None = None) -> str | None:
     """The per-epoch SNN selection metric: snn/<split>_acc_T<select_T, 2 digits>."""
-    keys = [(m.group(1), int(m.group(2)), c) for c in hist.columns
-            if (m := _SNN_EPOCH_RE.match(str(c)))]
-    if not keys:
-        return None
-    try:
-        want_T = int(float(select_T)) if select_T not in (None, NA) else None
-    except ValueError:
-        want_T = None
-    want_split = select_on if select_on in ("val", "test") else None
-    return min(keys, key=lambda k: (k[0] != want_split, k[1] != want_T, k[1]))[2]
+    return _sel_metric(hist.columns, select_T, select_on)
 
 
 def training_curves(hist: pd.DataFrame, best_epoch: float | None, title: str,
@@ -429,6 +420,7 @@ def epoch_time(runs: pd.DataFrame, histories, path: Path) -> Path | None:
 
 # ---------------------------------------------------------------- selection (Fig. 5)
 def _sel_metric(keys, select_T: str | None, select_on: str | None) -> str | None:
+    """Of the metric names `keys`, the SNN selection metric (the run's split and T first)."""
     found = [(m.group(1), int(m.group(2)), k) for k in keys
              if (m := _SNN_EPOCH_RE.match(str(k)))]
     if not found:
