@@ -87,9 +87,32 @@ def _metrics(mode, final, delta="0.0", ann_noisy=None, select_on="val"):
     return metrics
 
 
+ANN_UJ = {"resnet20": 50.0, "vgg16": 300.0}
+
+
+def energy_ratio(seed: int, t: int) -> float:
+    """The toy SNN energy at T = t as a fraction of the ANN's (harness.energy's ratio)."""
+    return 0.05 * t * (1 + 0.1 * seed)
+
+
+def _energy_metrics(arch: str, seed: int) -> list:
+    """The `energy/*` metrics tracking.energy_metrics writes (the ones the report reads)."""
+    a = ANN_UJ[arch]
+    out = [Metric("energy/ann_uJ", a, 2000, 0)]
+    for t in TS:
+        r = energy_ratio(seed, t)
+        out += [Metric(f"energy/uJ_T{t:02d}", a * r, 2000, 0),
+                Metric(f"energy/ratio_to_ann_T{t:02d}", r, 2000, 0),
+                Metric("energy/uJ_by_T", a * r, 2000, t)]
+    return out
+
+
+NO_ENERGY = ("vgg16", "qcfs", 1)   # this trial recorded no energy (an older harness)
+
+
 def _log_trial(client, exp_id, parent_id, *, arch, mode, seed, final, delta="0.0",
                status="FINISHED", hist_artifact=True, tmp_path=None, params=None,
-               ann_noisy=None, name=None):
+               ann_noisy=None, name=None, energy=None):
     name = name or f"{arch}_{mode}_d{delta}_s{seed}"
     run = client.create_run(exp_id, run_name=name, tags={
         "mlflow.parentRunId": parent_id, "harness.role": "trial", "harness.trial": name,
@@ -97,6 +120,8 @@ def _log_trial(client, exp_id, parent_id, *, arch, mode, seed, final, delta="0.0
     rid = run.info.run_id
     params = {**_params(arch, mode, seed, delta), **(params or {})}
     metrics = _metrics(mode, final, delta, ann_noisy, params["eval.select_on"])
+    if energy if energy is not None else (arch, mode, seed) != NO_ENERGY:
+        metrics += _energy_metrics(arch, seed)
     client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
                      tags=[RunTag("mlflow.runName", name)])
     if hist_artifact:
@@ -256,12 +281,23 @@ def test_table2_md(report):
     header, rows = _md_rows(_block(md, "CIFAR-10"))
     assert header[:2] == ["Arch", "Method"]
     # ResNet-20 NQ: ANN 89.25, best at T<=4 is T=4 (84.50); T=8 89.50 >= 88.25 -> T=8
-    assert rows[("ResNet-20", "NQ")] == ["89.25 ± 0.35 (n=2)", "84.50 ± 0.71 (n=2)", "T=4", "T=8"]
-    # VGG-16 QCFS: ANN 93.00, T=8 92.00 >= 92.00 -> T=8
-    assert rows[("VGG-16", "QCFS")][2:] == ["T=4", "T=8"]
+    assert header[-2] == tables.ENERGY_COLUMN      # next to the T it is measured at
+    # energy at the best T (4) in % of the ANN: seeds 0 and 1 -> 20 and 22 %
+    e = [100 * energy_ratio(s, 4) for s in (0, 1)]
+    e_cell = f"{sum(e) / 2:.2f} ± {pd.Series(e).std():.2f} (n=2)"
+    assert rows[("ResNet-20", "NQ")] == ["89.25 ± 0.35 (n=2)", "84.50 ± 0.71 (n=2)", "T=4",
+                                         e_cell, "T=8"]
+    # VGG-16 QCFS: ANN 93.00, T=8 92.00 >= 92.00 -> T=8; seed 1 recorded no energy: n = 1
+    assert rows[("VGG-16", "QCFS")][2:] == ["T=4", f"{100 * energy_ratio(0, 4):.2f} (n=1)", "T=8"]
     # published ResNet-20 QCFS: no T <= 64 within 1 point of 91.77? T32=92.24 -> T=16 (91.62)
-    assert rows[("ResNet-20", "QCFS (published)")][1:] == ["83.75", "T=4", "T=16"]
+    assert rows[("ResNet-20", "QCFS (published)")][1:] == ["83.75", "T=4", "—", "T=16"]
     assert "TEBN" in md                         # other published methods (Table 2 of the paper)
+    assert "1 of 8 runs recorded no energy" in md
+    from harness.energy import E_AC_PJ, E_MAC_PJ    # the note states the constants in use
+    assert f"{E_AC_PJ:g} pJ per synaptic operation, {E_MAC_PJ:g} pJ per MAC" in md
+    tex = (report / "table2.tex").read_text()
+    assert r"21.00 \pm 1.41 & 8" in tex and "20.00 & 8" in tex    # the energy column
+    assert "energy value without" in tex
 
 
 # ---------------------------------------------------------------------------- figures
@@ -295,7 +331,8 @@ def test_default_figures_are_per_group(store, tmp_path):
     assert main(["--experiment", EXP, "--tracking-uri", store, "--out", str(out)]) == 0
     names = sorted(p.name for p in out.iterdir() if p.suffix == ".png")
     # no per-trial figure without --per-trial: one figure per dataset (or for all of them)
-    assert names == ["acc_vs_T_cifar10.png", "delta_heatmaps_cifar10.png", "epoch_time.png",
+    assert names == ["acc_vs_T_cifar10.png", "acc_vs_energy_cifar10.png",
+                     "delta_heatmaps_cifar10.png", "epoch_time.png",
                      "residual_overlay_cifar10.png", "selection_cifar10.png"]
     assert all((out / n).with_suffix(".pdf").exists() for n in names)
     index = (out / "index.md").read_text()

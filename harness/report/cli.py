@@ -179,6 +179,7 @@ def _write_figures(col: Collected, out: Path, per_trial: bool = False) -> list[P
         stem = sanitize(ds).lower() if clash[ds] else sanitize(key)
         ds_runs = runs[runs["dataset"] == ds]
         paths.append(figures.acc_vs_T(ds_runs, out / f"acc_vs_T_{stem}.png"))
+        paths.append(figures.acc_vs_energy(ds_runs, out / f"acc_vs_energy_{stem}.png"))
         paths.append(figures.selection(ds_runs, col.histories, out / f"selection_{stem}.png"))
         paths.append(figures.delta_heatmaps(ds_runs, col.histories,
                                             out / f"delta_heatmaps_{stem}.png"))
@@ -219,6 +220,13 @@ def _write_figures(col: Collected, out: Path, per_trial: bool = False) -> list[P
 # (file name prefix, heading, shown inline, what it shows)
 _FIG_SECTIONS = [
     ("acc_vs_T_", "Accuracy vs. time steps", True, ""),
+    ("acc_vs_energy_", "Accuracy vs. estimated energy", True,
+     "One point per evaluated T (labelled), mean ± std of the SNN test accuracy and of "
+     "the estimated energy per image over the runs that recorded energy; the star is "
+     "the ANN (its MACs at 4.6 pJ). SNN energy: 0.9 pJ per synaptic operation (spike × "
+     "fan-out) plus 4.6 pJ per MAC of the analog-input first layer at every step (`energy/uJ_TNN`, "
+     "harness.energy). 45 nm figures, as in conversion papers; an estimate, not a "
+     "measurement on hardware."),
     ("selection_", "Checkpoint selection (Fig. 5)", True,
      "One panel per architecture and method, QCFS and NQ (the runs' seeds and any "
      "varying settings pooled, as the panel title says). Lines: mean over the runs, per epoch, of the ANN "

@@ -114,6 +114,11 @@ T_COLUMNS_RE = re.compile(r"^T(\d+)$")
 _FINAL_T_RE = re.compile(r"^final/snn_test_acc_T(\d+)$")
 FINAL_METRICS = {"ann": "final/ann_test_acc", "ann_val": "final/ann_val_acc",
                  "ann_noisy": "final/ann_noisy_test_acc", "best_epoch": "final/best_epoch"}
+# energy of the final SNN evaluation (harness.energy, per image, step 0): columns
+# E<t> (µJ at T = t), Eratio<t> (that / the ANN's µJ) and ann_uJ
+_ENERGY_T_RE = re.compile(r"^energy/(uJ|ratio_to_ann)_T(\d+)$")
+_ENERGY_PREFIX = {"uJ": "E", "ratio_to_ann": "Eratio"}
+ENERGY_ANN = "energy/ann_uJ"
 
 _ARCH_LABELS = {"vgg16": "VGG-16", "resnet18": "ResNet-18", "resnet20": "ResNet-20",
                 "cnn_small": "CNN-small"}
@@ -410,6 +415,19 @@ def _add_final_metrics(out: pd.DataFrame, raw: pd.DataFrame) -> None:
                  }.items())
     for t, c in ts:
         out[f"T{t}"] = pd.to_numeric(raw[c], errors="coerce")
+    _add_energy(out, raw)
+
+
+def _add_energy(out: pd.DataFrame, raw: pd.DataFrame) -> None:
+    """Energy columns (E<t>, Eratio<t>, ann_uJ) where the runs recorded energy; runs
+    without it (older harness, or an unrecordable net) hold NaN."""
+    found = sorted(((_ENERGY_PREFIX[m.group(1)], int(m.group(2))), c) for c in raw.columns
+                   if c.startswith("metrics.")
+                   and (m := _ENERGY_T_RE.match(c.removeprefix("metrics."))))
+    for (prefix, t), c in found:
+        out[f"{prefix}{t}"] = pd.to_numeric(raw[c], errors="coerce")
+    if found or f"metrics.{ENERGY_ANN}" in raw.columns:
+        out["ann_uJ"] = pd.to_numeric(_col(raw, f"metrics.{ENERGY_ANN}"), errors="coerce")
 
 
 def _add_trial_file(out: pd.DataFrame) -> None:
@@ -603,7 +621,7 @@ class _SqliteStore:
     def runs(self, exp_id: int) -> pd.DataFrame:
         """The active runs as :func:`mlflow.search_runs` frames them (run_id, status,
         start_time, end_time, artifact_uri, params.*, tags.*), with the ``final/*``
-        metrics as ``metrics.final/...``; four queries."""
+        metrics and the per-T energy ones as ``metrics.<key>``; four queries."""
         active = ("SELECT run_uuid FROM runs WHERE experiment_id = ? "
                   "AND lifecycle_stage = 'active'")
         runs = self._long("SELECT run_uuid, status, start_time, end_time, artifact_uri FROM "
@@ -612,8 +630,10 @@ class _SqliteStore:
                             f"({active})", exp_id)
         tags = self._long(f"SELECT run_uuid, key, value FROM tags WHERE run_uuid IN "
                           f"({active})", exp_id)
+        keys = " OR ".join([_key_range("final/"), _key_range("energy/uJ_T"),
+                            _key_range("energy/ratio_to_ann_T"), f"key = '{ENERGY_ANN}'"])
         final = self._long(f"SELECT run_uuid, key, value, is_nan FROM latest_metrics WHERE "
-                           f"{_key_range('final/')} AND run_uuid IN ({active})", exp_id)
+                           f"({keys}) AND run_uuid IN ({active})", exp_id)
         if not final.empty:
             final["value"] = pd.to_numeric(final["value"]).where(
                 ~final["is_nan"].astype(bool), float("nan"))

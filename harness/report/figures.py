@@ -162,6 +162,74 @@ def acc_vs_T(runs: pd.DataFrame, path: Path) -> Path | None:
         return _save(fig, path)
 
 
+# ---------------------------------------------------------------- accuracy vs energy
+def acc_vs_energy(runs: pd.DataFrame, path: Path) -> Path | None:
+    """SNN test accuracy against estimated energy per image (µJ, log), one point per T,
+    one line per method (and varying setting), one subplot per arch; mean ± std over the
+    runs that recorded energy at that T; the ANN (star) at its MAC energy.  None when no
+    run recorded energy."""
+    ts = [t for t in t_values(runs) if f"E{t}" in runs.columns and runs[f"E{t}"].notna().any()]
+    if not ts:
+        return None
+    settings_cols = varying_settings(runs)
+    archs = [a for a in sorted(runs["arch"].unique(), key=arch_order)
+             if any(runs.loc[runs["arch"] == a, f"E{t}"].notna().any() for t in ts)]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(archs), 1, figsize=(WIDTH, 2.3 * len(archs) + 0.2),
+                                 squeeze=False)
+        for ax, arch in zip(axes[:, 0], archs):
+            a_runs = runs[runs["arch"] == arch]
+            gcols = ["method"] + settings_cols
+            groups = sorted(a_runs.groupby(gcols, dropna=False, sort=False),
+                            key=lambda kv: (method_order(kv[0][0]),
+                                            tuple(setting_sort_key(v) for v in kv[0][1:])))
+            many = len(groups) > MANY_LINES
+            seen: set[str] = set()
+            ns: set[int] = set()
+            for i, (gkey, grp) in enumerate(groups):
+                pts = []
+                for t in ts:
+                    both = grp[[f"T{t}", f"E{t}"]].dropna()   # runs with accuracy and energy
+                    if len(both):
+                        a, e = stat_of(both[f"T{t}"]), stat_of(both[f"E{t}"])
+                        pts.append((t, e, a))
+                        ns.add(len(both))
+                if not pts:
+                    continue
+                m = str(gkey[0])
+                color = _color(m) if many else (_color(m, i) if len(groups) <= 3 else f"C{i % 10}")
+                xs, ys = [p[1].mean for p in pts], [p[2].mean for p in pts]
+                if many:
+                    ax.plot(xs, ys, color=color, linewidth=0.5, alpha=0.6, marker=".",
+                            label=None if m in seen else f"{m} (one line per setting)")
+                    seen.add(m)
+                    continue
+                label = _variant_label(m, dict(zip(settings_cols, gkey[1:])))
+                ax.errorbar(xs, ys, xerr=[0.0 if pd.isna(p[1].std) else p[1].std for p in pts],
+                            yerr=[0.0 if pd.isna(p[2].std) else p[2].std for p in pts],
+                            marker="o", color=color, capsize=1.5, label=label)
+                if i < 3:   # T labels on the first few lines only (legible)
+                    for t, x, y in zip([p[0] for p in pts], xs, ys):
+                        ax.annotate(f"T={t}", (x, y), xytext=(2, -7 if i % 2 else 3),
+                                    textcoords="offset points", fontsize=5, color=color)
+                ann = grp[["ann", "ann_uJ"]].dropna() if "ann_uJ" in grp.columns else grp.iloc[:0]
+                if len(ann):
+                    ax.plot([ann["ann_uJ"].mean()], [ann["ann"].mean()], marker="*",
+                            markersize=7, color=color, linestyle="none", label=f"{label} ANN")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_locator(NullLocator())
+            n_txt = (f"n = {min(ns)}" if len(ns) == 1 else f"n = {min(ns)}–{max(ns)}") if ns else ""
+            ax.set_title(_wrap(f"{arch_label(arch)}: one point per T, mean ± std over runs "
+                               f"({n_txt})", WIDTH, 7))
+            ax.set_ylabel("SNN test accuracy (%)")
+            ax.set_xlabel("estimated energy per image (µJ; 0.9 pJ/SOP, 4.6 pJ/MAC)")
+            ax.legend(loc="lower right", frameon=False, fontsize=5)
+        _fixed_layout(fig, len(archs), 1, hspace=0.6, bottom=0.45)
+        return _save(fig, path)
+
+
 # ---------------------------------------------------------------- training curves
 _SNN_EPOCH_RE = re.compile(r"^snn/(val|test)_acc_T(\d+)$")
 

@@ -36,7 +36,7 @@ from . import protocol
 from .collect import NA, arch_label, dataset_display, setting_label
 from .stats import CONFIDENCE, MIN_N_BOOT, MIN_N_TEST, N_BOOT, Paired, Stat, fmt_p
 
-from .tables import LOW_T, TOLERANCE, Block, latex_escape
+from .tables import ENERGY_COLUMN, LOW_T, TOLERANCE, Block, latex_escape
 
 __all__ = ["PACKAGES", "TEXTWIDTH_PT", "preamble_tex", "render_table1_tex",
            "render_table1_delta_tex", "table1_layout", "delta_layout", "render_table2_tex", "text_width", "si_cell",
@@ -629,10 +629,12 @@ def render_table2_tex(tables: dict[str, pd.DataFrame]) -> str:
         n_set = int(df.attrs.get("n_settings", 0))
         cols = list(df.columns)
         set_cols = cols[2:2 + n_set]
-        ann_c, best_c, at_c, reach_c = cols[2 + n_set:2 + n_set + 4]
+        energy_c = ENERGY_COLUMN if ENERGY_COLUMN in cols else None
+        ann_c, best_c, at_c, reach_c = [c for c in cols[2 + n_set:] if c != energy_c]
         pub = [str(m).endswith("(published)") for m in df["Method"]]
         anns = [parse_num(v) for v in df[ann_c]]
         bests = [parse_num(v) for v in df[best_c]]
+        energies = [parse_num(v) for v in df[energy_c]] if energy_c else []
         for i, pair in enumerate(zip(anns, bests)):
             for x in pair:   # a measured value without ± (and without "(n=…)"): one seed
                 if not pub[i] and x.n is None and not x.missing and not x.std:
@@ -648,7 +650,9 @@ def render_table2_tex(tables: dict[str, pd.DataFrame]) -> str:
                          "settings": [("" if pub[i] else str(row[s])) for s in set_cols],
                          "n": "" if pub[i] else _n_text([anns[i].n, bests[i].n])})
         keys = _key_columns(recs, set_cols, with_n=n_all is None and n_known)
-        for x in anns + bests:
+        e_ns = {x.n for x in energies if not x.missing}
+        fewer = bool(energies) and n_all is not None and e_ns - {n_all}
+        for x in anns + bests + energies:
             x.n = None
         ann = Column("ANN", "S", text_width("ANN"), anns)
         best = Column("Acc.", "S", text_width("Acc."), bests)
@@ -658,20 +662,32 @@ def render_table2_tex(tables: dict[str, pd.DataFrame]) -> str:
         reach = Column(reach_h, "c", text_width("≥ ANN − 1"),
                        [_t_only(v) for v in df[reach_c]],
                        [text_width(_t_only(v)) for v in df[reach_c]])
+        values = [ann, best, at]
+        if energy_c:   # the SNN's energy at that T, % of the ANN's (tables.ENERGY_COLUMN)
+            values.append(Column(_stack("Energy", r"\% ANN"), "S", text_width("Energy"),
+                                 energies))
+        values.append(reach)
         groups, pub_from = _arch_groups([str(a) for a in df["Arch"]], pub)
         k = len(keys)
+        span = len(values) - 2
         head = " & ".join([""] * (k + 1) + [
-            rf"\multicolumn{{2}}{{c}}{{Best SNN, $T \leq {LOW_T}$}}", ""]) + r" \\"
-        table = LatexTable(keys, [ann, best, at, reach], groups, rule_before=pub_from,
-                           header_rows=[head, rf"\cmidrule(lr){{{k + 2}-{k + 3}}}"],
+            rf"\multicolumn{{{span}}}{{c}}{{Best SNN, $T \leq {LOW_T}$}}", ""]) + r" \\"
+        table = LatexTable(keys, values, groups, rule_before=pub_from,
+                           header_rows=[head, rf"\cmidrule(lr){{{k + 2}-{k + 1 + span}}}"],
                            splittable=False)
         cap = (f"Low-latency summary on {tex_escape(names[ds])}: ANN test accuracy (\\%), "
                f"the best SNN test accuracy at $T \\leq {LOW_T}$ and the $T$ where it is "
-               f"reached, and the smallest $T$ whose mean SNN accuracy is within "
+               f"reached"
+               + (", the SNN's estimated energy per image at that $T$ as \\% of the ANN's "
+                  "(45~nm: 0.9~pJ per synaptic operation, 4.6~pJ per MAC, the analog-input "
+                  "first layer counted as MACs)" if energy_c else "")
+               + f", and the smallest $T$ whose mean SNN accuracy is within "
                f"{TOLERANCE:g} point of the ANN mean (-- if none of the evaluated $T$). Mean "
                f"$\\pm$ sample std over "
                + (_seeds_phrase(n_all) if n_known else "seeds")
                + (" (a value without $\\pm$ is a single seed)" if n_all in (None, 1) else "")
+               + (". Some runs recorded no energy: an energy value without $\\pm$ is from one "
+                  "seed, and the others' n is in table2.md" if fewer else "")
                + ". (paper): from the values published in the NQ paper (its Table 1), below "
                "the rule in each block. "
                + tex_text(df.attrs.get("protocol", "")))

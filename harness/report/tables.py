@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -700,9 +700,18 @@ TOLERANCE = 1.0  # points below the ANN
 
 
 def _t2_record(arch: str, method: str, settings: dict[str, str], ann: Stat | None,
-               by_t: dict[int, Stat | None], fmt: str) -> dict:
+               by_t: dict[int, Stat | None], fmt: str,
+               energy: Mapping[int, Stat | None] | None = None) -> dict:
+    """One Table 2 row; ``energy``: T -> SNN energy as % of the ANN's (None: not recorded,
+    no energy cell)."""
     low = [(t, s) for t, s in by_t.items() if t <= LOW_T and s is not None]
     best_t, best = max(low, key=lambda ts: ts[1].mean) if low else (None, None)
+    extra = {}
+    if energy is not None:
+        e = energy.get(best_t) if best_t is not None else None
+        # n shown even for one seed: energy may come from fewer runs than the accuracy
+        extra["energy"] = fmt_stat(e, fmt) + (" (n=1)" if e is not None and e.n == 1
+                                              and fmt == "md" else "")
     reach = NA
     if ann is not None:
         for t in sorted(by_t):
@@ -712,7 +721,7 @@ def _t2_record(arch: str, method: str, settings: dict[str, str], ann: Stat | Non
                 break
     return {"arch": arch, "method": method, **settings, "ann": fmt_stat(ann, fmt),
             "best": fmt_stat(best, fmt), "best_T": NA if best_t is None else f"T={best_t}",
-            "reach": reach}
+            **extra, "reach": reach}
 
 
 def build_table2(runs: pd.DataFrame, published: pd.DataFrame | None = None,
@@ -729,7 +738,8 @@ def build_table2(runs: pd.DataFrame, published: pd.DataFrame | None = None,
         ds_runs = runs[runs["dataset"] == ds]
         settings_cols = varying_settings(ds_runs)
         ts = t_values(ds_runs)
-        vcols = ["ann"] + [f"T{t}" for t in ts]
+        with_energy = any(_has_values(ds_runs, f"Eratio{t}") for t in ts)
+        vcols = ["ann"] + [f"T{t}" for t in ts] + [f"Eratio{t}" for t in ts]
         key = str(ds_runs["dataset_key"].iloc[0])
         recs = []
         gcols = ["method"] + settings_cols
@@ -738,8 +748,10 @@ def build_table2(runs: pd.DataFrame, published: pd.DataFrame | None = None,
             for gkey, grp in _groups(a_runs, gcols):
                 per, _ = _seed_values(grp, vcols)
                 by_t = {t: stat_of(per[f"T{t}"]) for t in ts}
+                energy = ({t: stat_of(100.0 * per[f"Eratio{t}"]) for t in ts}
+                          if with_energy else None)
                 recs.append(_t2_record(arch, gkey[0], dict(zip(settings_cols, gkey[1:])),
-                                       stat_of(per["ann"]), by_t, fmt))
+                                       stat_of(per["ann"]), by_t, fmt, energy))
             if published is None or published.empty:
                 continue
             pub = published[(published["dataset"] == key) & (published["arch"] == arch)]
@@ -749,16 +761,37 @@ def build_table2(runs: pd.DataFrame, published: pd.DataFrame | None = None,
                            else Stat(float(prow[f"T{t}"]), float("nan"), 1))
                        for t in (1, 2, 4, 8, 16, 32, 64)}
                 recs.append(_t2_record(arch, f"{m} (published)", {s: NA for s in settings_cols},
-                                       Stat(float(prow["ann"]), float("nan"), 1), pts, fmt))
+                                       Stat(float(prow["ann"]), float("nan"), 1), pts, fmt,
+                                       {} if with_energy else None))
         df = pd.DataFrame.from_records(recs)
         df["arch"] = df["arch"].map(arch_label)
         out[ds] = df.rename(columns={
             "arch": "Arch", "method": "Method", **{s: setting_label(s) for s in settings_cols},
             "ann": "ANN", "best": f"Best SNN (T ≤ {LOW_T})", "best_T": "at",
-            "reach": f"First T with SNN ≥ ANN − {TOLERANCE:g}"})
+            "reach": f"First T with SNN ≥ ANN − {TOLERANCE:g}",
+            "energy": ENERGY_COLUMN})
         out[ds].attrs.update(dataset_key=key, n_settings=len(settings_cols),
-                             protocol=protocol.differences_line(ds_runs))
+                             protocol=protocol.differences_line(ds_runs),
+                             energy=_energy_note(ds_runs, ts) if with_energy else
+                             "Energy: not recorded by these runs (no `energy/*` metrics; "
+                             "runs from a harness before energy accounting), so no energy "
+                             "column.")
     return out
+
+
+ENERGY_COLUMN = "SNN energy at that T (% of ANN)"
+
+
+def _energy_note(runs: pd.DataFrame, ts: list[int]) -> str:
+    """What the energy column is, with the constants and how many runs lack energy."""
+    have = runs[[f"Eratio{t}" for t in ts if f"Eratio{t}" in runs.columns]].notna().any(axis=1)
+    missing = int((~have).sum())
+    return ("Energy: estimated SNN energy per image at the T of the best SNN accuracy, as % "
+            "of the ANN's (45 nm: 0.9 pJ per synaptic operation, 4.6 pJ per MAC; the "
+            "analog-input first layer counted as MACs; `energy/ratio_to_ann_TNN`), mean ± std "
+            "over seeds. Published rows: the paper reports no energy for these."
+            + (f" {missing} of {len(runs)} runs recorded no energy; the energy cells leave "
+               "them out (see their n)." if missing else ""))
 
 
 def _other_methods(pub2: pd.DataFrame | None, key: str) -> pd.DataFrame | None:
@@ -782,6 +815,8 @@ def render_table2_md(tables: dict[str, pd.DataFrame], pub2: pd.DataFrame | None 
         if df.attrs.get("protocol"):
             parts.append(df.attrs["protocol"] + "\n")
         parts.append(_md(df) + "\n")
+        if df.attrs.get("energy"):
+            parts.append(df.attrs["energy"] + "\n")
         other = _other_methods(pub2, df.attrs.get("dataset_key", ""))
         if other is not None:
             parts.append(f"Other SNN methods on {ds} (published, NQ paper Table 2):\n")
