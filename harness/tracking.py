@@ -345,9 +345,12 @@ def log_dataset(c, run_id: str, data: Mapping[str, Any]) -> None:
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
     source = str(data["source"])
-    if "://" in source or source.startswith("/"):
-        from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
-        src = FileSystemDatasetSource(source)
+    if "://" in source or source.startswith("/"):   # a file or URI: MLflow's own source types
+        import warnings
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        with warnings.catch_warnings():   # "can be interpreted in multiple ways" (same type)
+            warnings.simplefilter("ignore", UserWarning)
+            src = resolve_dataset_source(source)
     else:
         from mlflow.data.code_dataset_source import CodeDatasetSource
         src = CodeDatasetSource({"source": source})

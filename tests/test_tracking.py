@@ -141,6 +141,20 @@ def test_node_tags_keep_every_node(store):
     assert tags["harness.nodes"] == "10.0.0.1,10.0.0.2"  # every node it ran on, once
 
 
+@pytest.mark.parametrize("source,kind", [
+    ("/data/cifar10-jpeg.tar.gz", "local"), ("file:///data/cifar10-jpeg.tar.gz", "local"),
+    ("s3://bucket/cifar10", "s3"), ("sklearn.datasets.load_digits", "code")])
+def test_dataset_input_for_every_kind_of_source(store, source, kind):
+    """A CIFAR archive (a path) crashed the sweep's callback once (an abstract MLflow source
+    class): every kind of source the data module reports must log as a dataset input."""
+    c, exp, _ = store
+    rid = c.create_run(exp).info.run_id
+    tracking.log_dataset(c, rid, {"name": "cifar10", "source": source, "digest": "abc123"})
+    (d,) = c.get_run(rid).inputs.dataset_inputs
+    assert d.dataset.name == "cifar10" and d.dataset.digest == "abc123"
+    assert kind in d.dataset.source_type and source in d.dataset.source
+
+
 def test_epochs_params_dataset_and_final(store, trained):
     c, exp, _ = store
     result, out, info, recs = trained
