@@ -874,3 +874,14 @@ def test_trials_that_never_started_are_named(tmp_path):
     assert f"`{labels[2]}`: **never started**" in head
     assert f"`{labels[1]}`" in head and "**KILLED**" in head
     assert f"`{labels[0]}`" not in head
+
+
+def test_fig4_layerwise_reference_is_tau_equal_L():
+    from harness.report import figures
+    nq = pd.DataFrame({"tau": ["1", "2", "4", "8", "8"], "L": ["4"] * 5,
+                       "T4": [1.0, 2.0, 3.0, 4.0, 5.0]})
+    tau, ref = figures.layerwise_reference(nq)
+    assert tau == "4" and list(ref["T4"]) == [3.0]          # the paper's τ = L
+    tau, ref = figures.layerwise_reference(nq.drop(columns="L"))
+    assert tau == "8" and list(ref["T4"]) == [4.0, 5.0]     # else the most common τ
+    assert figures.layerwise_reference(nq.iloc[:0])[0] is None

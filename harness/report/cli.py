@@ -196,8 +196,12 @@ def _write_figures(col: Collected, out: Path, per_trial: bool = False) -> list[P
                                               out / f"residual_overlay_{stem}.png",
                                               residual=residual))
     paths.append(figures.epoch_time(runs, col.histories, out / "epoch_time.png"))
+    ref_tau, ref = figures.layerwise_reference(runs[runs["method"] == "NQ"])
     paths.append(figures.ablation(runs[runs["method"] == "NQ-fixed"], "delta",
-                                  out / "ablation_delta.png", "fixed noise δ (all layers)"))
+                                  out / "ablation_delta.png", "fixed noise δ (all layers)",
+                                  reference=ref,
+                                  reference_label=f"dashed: layer-wise δ (NQ, τ = {ref_tau}), "
+                                                  "same colour = same T"))
     paths.append(figures.ablation(runs[runs["method"] == "NQ"], "tau",
                                   out / "ablation_tau.png", "calibration time steps τ",
                                   log_x=True))

@@ -862,9 +862,28 @@ def _overlay_layer(ax, pooled: dict, li: int, edges: np.ndarray, narrow: bool,
 
 
 # ---------------------------------------------------------------- ablations
+def layerwise_reference(nq: pd.DataFrame) -> tuple[str | None, pd.DataFrame]:
+    """Fig. 4's layer-wise reference among NQ runs: those at τ = L (the paper's choice)
+    if any, else at the most common τ; (that τ, the runs)."""
+    if nq.empty or "tau" not in nq.columns:
+        return None, nq.iloc[:0]
+    taus = nq["tau"][nq["tau"] != NA]
+    if taus.empty:
+        return None, nq.iloc[:0]
+    tau = taus.mode().iloc[0]
+    if "L" in nq.columns:
+        at_l = nq[nq["tau"] == nq["L"]]
+        if not at_l.empty and at_l["tau"].nunique() == 1:
+            tau = at_l["tau"].iloc[0]
+    return str(tau), nq[nq["tau"] == tau]
+
+
 def ablation(runs: pd.DataFrame, setting: str, path: Path, xlabel: str,
-             log_x: bool = False) -> Path | None:
-    """SNN accuracy vs a setting (one line per T), one subplot per (dataset, arch)."""
+             log_x: bool = False, reference: pd.DataFrame | None = None,
+             reference_label: str = "") -> Path | None:
+    """SNN accuracy vs a setting (one line per T), one subplot per (dataset, arch).
+    ``reference``: runs drawn as one dashed level per T (mean over them) in the panel of
+    their dataset and arch (Fig. 4: the layer-wise δ against fixed δ)."""
     runs = runs[runs[setting] != NA]
     if runs[setting].nunique() < 2:
         return None
@@ -888,10 +907,17 @@ def ablation(runs: pd.DataFrame, setting: str, path: Path, xlabel: str,
                        if cnt.at[v, c] > 0]
                 if not pts:
                     continue
+                color = plt.cm.viridis(i / max(1, len(ts) - 1))
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
                             yerr=[0.0 if pd.isna(p[2]) else p[2] for p in pts],
-                            marker="o", capsize=2, color=plt.cm.viridis(i / max(1, len(ts) - 1)),
-                            label=f"T={t}")
+                            marker="o", capsize=2, color=color, label=f"T={t}")
+                ref = (reference[(reference["dataset"] == ds) & (reference["arch"] == arch)]
+                       if reference is not None and c in reference.columns else None)
+                if ref is not None and ref[c].notna().any():
+                    ax.axhline(float(ref[c].mean()), color=color, linestyle="--",
+                               linewidth=0.8,
+                               label=f"{reference_label} (n = {int(ref[c].notna().sum())})"
+                               if i == 0 else None)
             if log_x and numeric and min(xpos) > 0:
                 ax.set_xscale("log", base=2)
             ax.set_xticks(xpos)
