@@ -227,8 +227,9 @@ _FIG_SECTIONS = [
     ("acc_vs_energy_", "Accuracy vs. estimated energy", True,
      "One point per evaluated T (labelled), mean ± std of the SNN test accuracy and of "
      "the estimated energy per image over the runs that recorded energy; the star is "
-     "the ANN (its MACs at 4.6 pJ). SNN energy: 0.9 pJ per synaptic operation (spike × "
-     "fan-out) plus 4.6 pJ per MAC of the analog-input first layer at every step (`energy/uJ_TNN`, "
+     f"the ANN (its MACs at {tables.E_MAC_PJ:g} pJ). SNN energy: {tables.E_AC_PJ:g} pJ per "
+     f"synaptic operation (spike × fan-out) plus {tables.E_MAC_PJ:g} pJ per MAC of the "
+     "analog-input first layer at every step (`energy/uJ_TNN`, "
      "harness.energy). 45 nm figures, as in conversion papers; an estimate, not a "
      "measurement on hardware."),
     ("selection_", "Checkpoint selection (Fig. 5)", True,

@@ -28,7 +28,7 @@ import pandas as pd  # noqa: E402
 
 from .collect import (NA, arch_label, arch_order, is_setting_column,  # noqa: E402
                       method_order, setting_label, setting_sort_key)
-from .tables import stat_of, t_values, varying_settings  # noqa: E402
+from .tables import E_AC_PJ, E_MAC_PJ, stat_of, t_values, varying_settings  # noqa: E402
 
 WIDTH = 3.4
 DPI = 200
@@ -224,7 +224,7 @@ def acc_vs_energy(runs: pd.DataFrame, path: Path) -> Path | None:
             ax.set_title(_wrap(f"{arch_label(arch)}: one point per T, mean ± std over runs "
                                f"({n_txt})", WIDTH, 7))
             ax.set_ylabel("SNN test accuracy (%)")
-            ax.set_xlabel("estimated energy per image (µJ; 0.9 pJ/SOP, 4.6 pJ/MAC)")
+            ax.set_xlabel(f"estimated energy per image (µJ; {E_AC_PJ:g} pJ/SOP, {E_MAC_PJ:g} pJ/MAC)")
             ax.legend(loc="lower right", frameon=False, fontsize=5)
         _fixed_layout(fig, len(archs), 1, hspace=0.6, bottom=0.45)
         return _save(fig, path)

@@ -36,7 +36,7 @@ from . import protocol
 from .collect import NA, arch_label, dataset_display, setting_label
 from .stats import CONFIDENCE, MIN_N_BOOT, MIN_N_TEST, N_BOOT, Paired, Stat, fmt_p
 
-from .tables import ENERGY_COLUMN, LOW_T, TOLERANCE, Block, latex_escape
+from .tables import E_AC_PJ, E_MAC_PJ, ENERGY_COLUMN, LOW_T, TOLERANCE, Block, latex_escape
 
 __all__ = ["PACKAGES", "TEXTWIDTH_PT", "preamble_tex", "render_table1_tex",
            "render_table1_delta_tex", "table1_layout", "delta_layout", "render_table2_tex", "text_width", "si_cell",
@@ -679,7 +679,7 @@ def render_table2_tex(tables: dict[str, pd.DataFrame]) -> str:
                f"the best SNN test accuracy at $T \\leq {LOW_T}$ and the $T$ where it is "
                f"reached"
                + (", the SNN's estimated energy per image at that $T$ as \\% of the ANN's "
-                  "(45~nm: 0.9~pJ per synaptic operation, 4.6~pJ per MAC, the analog-input "
+                  f"(45~nm: {E_AC_PJ:g}~pJ per synaptic operation, {E_MAC_PJ:g}~pJ per MAC, the analog-input "
                   "first layer counted as MACs)" if energy_c else "")
                + f", and the smallest $T$ whose mean SNN accuracy is within "
                f"{TOLERANCE:g} point of the ANN mean (-- if none of the evaluated $T$). Mean "

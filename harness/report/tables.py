@@ -34,7 +34,7 @@ __all__ = [
     "table1_caption", "build_table2",
     "render_table2_md",
     "delta_findings", "per_seed_tables", "PUBLISHED_METHODS",
-    "REFERENCE_DIR", "DAGGER",
+    "REFERENCE_DIR", "DAGGER", "ENERGY_COLUMN", "E_AC_PJ", "E_MAC_PJ",
 ]
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "reports" / "reference"
@@ -773,13 +773,16 @@ def build_table2(runs: pd.DataFrame, published: pd.DataFrame | None = None,
         out[ds].attrs.update(dataset_key=key, n_settings=len(settings_cols),
                              protocol=protocol.differences_line(ds_runs),
                              energy=_energy_note(ds_runs, ts) if with_energy else
-                             "Energy: not recorded by these runs (no `energy/*` metrics; "
-                             "runs from a harness before energy accounting), so no energy "
-                             "column.")
+                             "Energy: not recorded by these runs (no `energy/*` metrics: "
+                             "runs from a harness before energy accounting, or nets whose "
+                             "synapses could not be counted), so no energy column.")
     return out
 
 
 ENERGY_COLUMN = "SNN energy at that T (% of ANN)"
+# harness.energy's default 45 nm constants (pJ per accumulate / per MAC), which every run
+# uses; kept here so that the report does not import torch (a test checks they agree)
+E_AC_PJ, E_MAC_PJ = 0.9, 4.6
 
 
 def _energy_note(runs: pd.DataFrame, ts: list[int]) -> str:
@@ -787,7 +790,7 @@ def _energy_note(runs: pd.DataFrame, ts: list[int]) -> str:
     have = runs[[f"Eratio{t}" for t in ts if f"Eratio{t}" in runs.columns]].notna().any(axis=1)
     missing = int((~have).sum())
     return ("Energy: estimated SNN energy per image at the T of the best SNN accuracy, as % "
-            "of the ANN's (45 nm: 0.9 pJ per synaptic operation, 4.6 pJ per MAC; the "
+            f"of the ANN's (45 nm: {E_AC_PJ:g} pJ per synaptic operation, {E_MAC_PJ:g} pJ per MAC; the "
             "analog-input first layer counted as MACs; `energy/ratio_to_ann_TNN`), mean ± std "
             "over seeds. Published rows: the paper reports no energy for these."
             + (f" {missing} of {len(runs)} runs recorded no energy; the energy cells leave "
