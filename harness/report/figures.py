@@ -187,13 +187,8 @@ def acc_vs_energy(runs: pd.DataFrame, path: Path) -> Path | None:
             seen: set[str] = set()
             ns: set[int] = set()
             for i, (gkey, grp) in enumerate(groups):
-                pts = []
-                for t in ts:
-                    both = grp[[f"T{t}", f"E{t}"]].dropna()   # runs with accuracy and energy
-                    if len(both):
-                        a, e = stat_of(both[f"T{t}"]), stat_of(both[f"E{t}"])
-                        pts.append((t, e, a))
-                        ns.add(len(both))
+                pts = _energy_points(grp, ts)
+                ns.update(e.n for _, e, _ in pts)
                 if not pts:
                     continue
                 m = str(gkey[0])
@@ -216,18 +211,32 @@ def acc_vs_energy(runs: pd.DataFrame, path: Path) -> Path | None:
                 if len(ann):
                     ax.plot([ann["ann_uJ"].mean()], [ann["ann"].mean()], marker="*",
                             markersize=7, color=color, linestyle="none", label=f"{label} ANN")
-            ax.set_xscale("log")
-            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_locator(NullLocator())
-            n_txt = (f"n = {min(ns)}" if len(ns) == 1 else f"n = {min(ns)}–{max(ns)}") if ns else ""
-            ax.set_title(_wrap(f"{arch_label(arch)}: one point per T, mean ± std over runs "
-                               f"({n_txt})", WIDTH, 7))
-            ax.set_ylabel("SNN test accuracy (%)")
-            ax.set_xlabel(f"estimated energy per image (µJ; {E_AC_PJ:g} pJ/SOP, {E_MAC_PJ:g} pJ/MAC)")
-            ax.legend(loc="lower right", frameon=False, fontsize=5)
+            _energy_axes(ax, arch, ns)
         _fixed_layout(fig, len(archs), 1, hspace=0.6, bottom=0.45)
         return _save(fig, path)
+
+
+def _energy_points(grp: pd.DataFrame, ts: list[int]) -> list[tuple[int, object, object]]:
+    """(T, energy Stat, accuracy Stat) per T, over the runs with both at that T."""
+    pts = []
+    for t in ts:
+        both = grp[[f"T{t}", f"E{t}"]].dropna()
+        if len(both):
+            pts.append((t, stat_of(both[f"E{t}"]), stat_of(both[f"T{t}"])))
+    return pts
+
+
+def _energy_axes(ax, arch: str, ns: set[int]) -> None:
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    n_txt = (f"n = {min(ns)}" if len(ns) == 1 else f"n = {min(ns)}–{max(ns)}") if ns else ""
+    ax.set_title(_wrap(f"{arch_label(arch)}: one point per T, mean ± std over runs ({n_txt})",
+                       WIDTH, 7))
+    ax.set_ylabel("SNN test accuracy (%)")
+    ax.set_xlabel(f"estimated energy per image (µJ; {E_AC_PJ:g} pJ/SOP, {E_MAC_PJ:g} pJ/MAC)")
+    ax.legend(loc="lower right", frameon=False, fontsize=5)
 
 
 # ---------------------------------------------------------------- training curves

@@ -675,24 +675,32 @@ def render_table2_tex(tables: dict[str, pd.DataFrame]) -> str:
         table = LatexTable(keys, values, groups, rule_before=pub_from,
                            header_rows=[head, rf"\cmidrule(lr){{{k + 2}-{k + 1 + span}}}"],
                            splittable=False)
-        cap = (f"Low-latency summary on {tex_escape(names[ds])}: ANN test accuracy (\\%), "
-               f"the best SNN test accuracy at $T \\leq {LOW_T}$ and the $T$ where it is "
-               f"reached"
-               + (", the SNN's estimated energy per image at that $T$ as \\% of the ANN's "
-                  f"(45~nm: {E_AC_PJ:g}~pJ per synaptic operation, {E_MAC_PJ:g}~pJ per MAC, the analog-input "
-                  "first layer counted as MACs)" if energy_c else "")
-               + f", and the smallest $T$ whose mean SNN accuracy is within "
-               f"{TOLERANCE:g} point of the ANN mean (-- if none of the evaluated $T$). Mean "
-               f"$\\pm$ sample std over "
-               + (_seeds_phrase(n_all) if n_known else "seeds")
-               + (" (a value without $\\pm$ is a single seed)" if n_all in (None, 1) else "")
-               + (". Some runs recorded no energy: an energy value without $\\pm$ is from one "
-                  "seed, and the others' n is in table2.md" if fewer else "")
-               + ". (paper): from the values published in the NQ paper (its Table 1), below "
-               "the rule in each block. "
-               + tex_text(df.attrs.get("protocol", "")))
+        cap = _table2_caption(names[ds], n_all, n_known, bool(energy_c), fewer,
+                              df.attrs.get("protocol", ""))
         parts.append(table.render(cap, label, f"% Table 2: {names[ds]}"))
     return "\n".join(parts)
+
+
+def _table2_caption(name: str, n_all: int | None, n_known: bool, energy: bool, fewer: bool,
+                    protocol_line: str) -> str:
+    """Table 2's LaTeX caption (``energy``: with the energy column; ``fewer``: some
+    energy cells have fewer seeds than the accuracy cells)."""
+    return (f"Low-latency summary on {tex_escape(name)}: ANN test accuracy (\\%), "
+            f"the best SNN test accuracy at $T \\leq {LOW_T}$ and the $T$ where it is "
+            f"reached"
+            + (", the SNN's estimated energy per image at that $T$ as \\% of the ANN's "
+               f"(45~nm: {E_AC_PJ:g}~pJ per synaptic operation, {E_MAC_PJ:g}~pJ per MAC, the analog-input "
+               "first layer counted as MACs)" if energy else "")
+            + f", and the smallest $T$ whose mean SNN accuracy is within "
+            f"{TOLERANCE:g} point of the ANN mean (-- if none of the evaluated $T$). Mean "
+            f"$\\pm$ sample std over "
+            + (_seeds_phrase(n_all) if n_known else "seeds")
+            + (" (a value without $\\pm$ is a single seed)" if n_all in (None, 1) else "")
+            + (". Some runs recorded no energy: an energy value without $\\pm$ is from one "
+               "seed, and the others' n is in table2.md" if fewer else "")
+            + ". (paper): from the values published in the NQ paper (its Table 1), below "
+            "the rule in each block. "
+            + tex_text(protocol_line))
 
 
 def _t_only(v) -> str:
