@@ -113,6 +113,14 @@ def _variant_label(method: str, settings: dict[str, str]) -> str:
 
 
 # ---------------------------------------------------------------- accuracy vs T
+def _variant_groups(runs: pd.DataFrame, settings_cols: list[str]) -> list:
+    """(key, runs) per method and setting combination, methods in their order, then the
+    settings in their sort order: one line per variant in a panel."""
+    return sorted(runs.groupby(["method"] + settings_cols, dropna=False, sort=False),
+                  key=lambda kv: (method_order(kv[0][0]),
+                                  tuple(setting_sort_key(v) for v in kv[0][1:])))
+
+
 def acc_vs_T(runs: pd.DataFrame, path: Path) -> Path | None:
     """SNN accuracy vs T (log2), one subplot per arch, mean ± std over seeds."""
     ts = t_values(runs)
@@ -124,11 +132,7 @@ def acc_vs_T(runs: pd.DataFrame, path: Path) -> Path | None:
         fig, axes = plt.subplots(len(archs), 1, figsize=(WIDTH, 2.1 * len(archs) + 0.2),
                                  squeeze=False, sharex=True)
         for ax, arch in zip(axes[:, 0], archs):
-            a_runs = runs[runs["arch"] == arch]
-            gcols = ["method"] + settings_cols
-            groups = sorted(a_runs.groupby(gcols, dropna=False, sort=False),
-                            key=lambda kv: (method_order(kv[0][0]),
-                                            tuple(setting_sort_key(v) for v in kv[0][1:])))
+            groups = _variant_groups(runs[runs["arch"] == arch], settings_cols)
             many = len(groups) > MANY_LINES
             seen: set[str] = set()
             for i, (gkey, grp) in enumerate(groups):
@@ -178,11 +182,7 @@ def acc_vs_energy(runs: pd.DataFrame, path: Path) -> Path | None:
         fig, axes = plt.subplots(len(archs), 1, figsize=(WIDTH, 2.3 * len(archs) + 0.2),
                                  squeeze=False)
         for ax, arch in zip(axes[:, 0], archs):
-            a_runs = runs[runs["arch"] == arch]
-            gcols = ["method"] + settings_cols
-            groups = sorted(a_runs.groupby(gcols, dropna=False, sort=False),
-                            key=lambda kv: (method_order(kv[0][0]),
-                                            tuple(setting_sort_key(v) for v in kv[0][1:])))
+            groups = _variant_groups(runs[runs["arch"] == arch], settings_cols)
             many = len(groups) > MANY_LINES
             seen: set[str] = set()
             ns: set[int] = set()
