@@ -194,10 +194,14 @@ def acc_vs_energy(runs: pd.DataFrame, path: Path) -> Path | None:
                 m = str(gkey[0])
                 color = _color(m) if many else (_color(m, i) if len(groups) <= 3 else f"C{i % 10}")
                 xs, ys = [p[1].mean for p in pts], [p[2].mean for p in pts]
+                ann = grp[["ann", "ann_uJ"]].dropna() if "ann_uJ" in grp.columns else grp.iloc[:0]
                 if many:
                     ax.plot(xs, ys, color=color, linewidth=0.5, alpha=0.6, marker=".",
-                            label=None if m in seen else f"{m} (one line per setting)")
+                            label=None if m in seen else f"{m} (one line per setting; ★ ANN)")
                     seen.add(m)
+                    if len(ann):
+                        ax.plot([ann["ann_uJ"].mean()], [ann["ann"].mean()], marker="*",
+                                markersize=4, color=color, alpha=0.6, linestyle="none")
                     continue
                 label = _variant_label(m, dict(zip(settings_cols, gkey[1:])))
                 ax.errorbar(xs, ys, xerr=[0.0 if pd.isna(p[1].std) else p[1].std for p in pts],
@@ -207,7 +211,6 @@ def acc_vs_energy(runs: pd.DataFrame, path: Path) -> Path | None:
                     for t, x, y in zip([p[0] for p in pts], xs, ys):
                         ax.annotate(f"T={t}", (x, y), xytext=(2, -7 if i % 2 else 3),
                                     textcoords="offset points", fontsize=5, color=color)
-                ann = grp[["ann", "ann_uJ"]].dropna() if "ann_uJ" in grp.columns else grp.iloc[:0]
                 if len(ann):
                     ax.plot([ann["ann_uJ"].mean()], [ann["ann"].mean()], marker="*",
                             markersize=7, color=color, linestyle="none", label=f"{label} ANN")
