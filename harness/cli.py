@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write per-trial figures (training curves, delta heatmap, residual histograms)")
     r.add_argument("--no-attach", action="store_true",
                    help="do not log the tables and index.md as artifacts of the parent run")
+    r.add_argument("--jobs", type=_positive_int, metavar="N",
+                   help="processes that draw the figures (default: the CPUs available, at most 8; "
+                        "1 = none besides this one)")
     r.set_defaults(func=_report)
 
     n = sub.add_parser("export-nir", help="write the NIR graph of a finished run's converted SNN",
@@ -80,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--checkpoint", default="best.pt", help="checkpoint file in RUN_DIR (default best.pt)")
     n.set_defaults(func=_export_nir)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return n
 
 
 def _add_set(p: argparse.ArgumentParser, help: str) -> None:
@@ -107,7 +120,8 @@ def _sweep(a: argparse.Namespace) -> int:
 
 def _report(a: argparse.Namespace) -> int:
     from .report.cli import run
-    print(run(a.experiment, a.tracking_uri, a.out, a.format, a.parent, a.per_trial, attach=not a.no_attach))
+    print(run(a.experiment, a.tracking_uri, a.out, a.format, a.parent, a.per_trial, attach=not a.no_attach,
+              jobs=a.jobs))
     return 0
 
 

@@ -344,6 +344,98 @@ def test_default_figures_are_per_group(store, tmp_path):
     assert "ANN validation accuracy (`ann/val_acc`) would have selected" in index
 
 
+def test_figures_in_parallel_equal_serial(store, report, tmp_path):
+    """`--jobs 2` (forked workers) and `--jobs 1` (this process) draw the same figures,
+    pixel for pixel, and write the same files."""
+    serial = tmp_path / "serial"
+    assert main(["--experiment", EXP, "--tracking-uri", store, "--out", str(serial),
+                 "--per-trial", "--jobs", "1", "--no-attach"]) == 0
+    par = tmp_path / "parallel"
+    assert main(["--experiment", EXP, "--tracking-uri", store, "--out", str(par),
+                 "--per-trial", "--jobs", "2", "--no-attach"]) == 0
+    names = sorted(p.name for p in serial.iterdir())
+    assert names == sorted(p.name for p in par.iterdir())
+    pngs = [n for n in names if n.endswith(".png")]
+    assert len(pngs) > 20
+    for n in pngs:
+        assert (serial / n).read_bytes() == (par / n).read_bytes(), n
+    assert (serial / "index.md").read_text() == (par / "index.md").read_text()
+
+
+def _boom(path):
+    raise ValueError(f"cannot draw {path}")
+
+
+def test_fork_jobs_results_errors_and_isolation(tmp_path):
+    """Jobs in forked children: results in the jobs' order (not their finishing order),
+    the first error reaches the caller with the others stopped, and a child's changes to
+    its memory never reach the parent or the next job."""
+    import time
+
+    from harness.report.cli import ReportError, _ForkJobs
+
+    state = {"x": 0}
+
+    def bump(k, pause):
+        time.sleep(pause)
+        state["x"] += k
+        return state["x"]
+    for workers in (1, 3):
+        jobs = _ForkJobs([(bump, (k, 0.05 * (5 - k)), {}) for k in range(5)], workers)
+        try:
+            jobs.start()
+            got = jobs.result()
+        finally:
+            jobs.close()
+        if workers == 1:                        # in this process: the state accumulates
+            assert got == [0, 1, 3, 6, 10] and state["x"] == 10
+            state["x"] = 0
+        else:                                   # each child starts from the parent's state
+            assert got == [0, 1, 2, 3, 4] and state["x"] == 0
+    for workers in (1, 2):
+        slow = tmp_path / f"slow{workers}"
+        jobs = _ForkJobs([(_boom, (tmp_path / "b",), {}),
+                          (lambda p: (time.sleep(3), p.write_text("x")), (slow,), {})], workers)
+        try:
+            jobs.start()
+            with pytest.raises(ValueError, match="cannot draw"):
+                jobs.result()
+        finally:
+            jobs.close()
+        assert not jobs.running
+    time.sleep(0.2)
+    assert not (tmp_path / "slow2").exists()    # stopped when the other job failed
+    # a child that dies without a result is named
+    jobs = _ForkJobs([(os._exit, (3,), {}), (bump, (1, 0), {})], 2)
+    try:
+        with pytest.raises(ReportError, match=r"_exit.*exit status 3"):
+            jobs.result()
+    finally:
+        jobs.close()
+
+
+def test_report_is_attached_to_the_parent_run(store, tmp_path):
+    """The tables and index.md become artifacts report/<file> of the parent run,
+    byte for byte (read back through MLflow); --no-attach leaves them as they were."""
+    report = tmp_path / "attached"
+    assert main(["--experiment", EXP, "--tracking-uri", store, "--out", str(report),
+                 "--format", "md,tex"]) == 0
+    assert main(["--experiment", EXP, "--tracking-uri", store, "--out",
+                 str(tmp_path / "not_attached"), "--no-attach"]) == 0
+    c = MlflowClient(tracking_uri=store)
+    exp = c.get_experiment_by_name(EXP)
+    parent = [r for r in c.search_runs([exp.experiment_id])
+              if r.data.tags.get("harness.role") == "parent"][0]
+    listed = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
+    want = {"report/" + n for n in ("table1.md", "table2.md", "table1.tex", "table2.tex",
+                                    "table1_delta.tex", "preamble.tex", "index.md")}
+    assert listed == want
+    local = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                artifact_path="report/index.md",
+                                                tracking_uri=store)
+    assert open(local).read() == (report / "index.md").read_text()
+
+
 def test_figure_data_epoch_time_and_selection(stats_store):
     import importlib
 

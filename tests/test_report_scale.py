@@ -116,5 +116,6 @@ def test_benchmark_store_is_a_harness_sweep(tmp_path):
     written = write_report(col, out, {"md", "tex", "png"})
     names = {p.name for p in written["figures"]}
     assert {"selection_cifar10.png", "residual_overlay_cifar10.png", "epoch_time.png",
-            "ablation_tau.png"} <= names
+            "ablation_tau.png", "acc_vs_energy_cifar10.png"} <= names
+    assert col.runs["Eratio4"].between(0, 1).all() and (col.runs["ann_uJ"] > 0).all()
     assert not any(n.startswith("curves_") for n in names)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -133,92 +135,381 @@ def not_finished_lines(col: Collected) -> list[str]:
 
 
 # ------------------------------------------------------------------ the report
-def write_report(col: Collected, out: Path, fmts: set[str],
-                 per_trial: bool = False) -> dict[str, list[Path]]:
+def write_report(col: Collected, out: Path, fmts: set[str], per_trial: bool = False,
+                 jobs: int | None = None, while_drawing=None) -> dict[str, list[Path]]:
     """Write tables, figures and index.md; returns {"tables": [...], "figures": [...]}
-    (figures: the PNG files; each has a PDF twin)."""
-    out.mkdir(parents=True, exist_ok=True)
+    (figures: the PNG files; each has a PDF twin). See :class:`_ReportJobs`."""
+    rep = _ReportJobs(out, fmts, per_trial, jobs)
+    try:
+        rep.runs_read(col)
+        rep.histories_read(col)
+        return rep.finish(col, while_drawing)
+    finally:
+        rep.close()
+
+
+class _ReportJobs:
+    """The tables and each figure of one report as jobs for `jobs` forked processes
+    (default: the CPUs this process may use; 1 = all here, one after the other: see
+    :class:`_ForkJobs`), each started as soon as what it needs is read: the tables and
+    the figures of the runs' final metrics once the runs are read (:meth:`runs_read`,
+    while this process goes on to read the metric histories), the figures of the
+    histories after (:meth:`histories_read`). :meth:`finish` waits for them and writes
+    index.md."""
+
+    def __init__(self, out: Path, fmts: set[str], per_trial: bool = False,
+                 jobs: int | None = None):
+        self.out, self.fmts, self.per_trial = out, fmts, per_trial
+        self.runner = _ForkJobs([], jobs)
+        self.places: list[int] = []     # per figure job: its place in _figure_jobs' order
+        self.later: list = []           # the jobs that wait for the histories
+
+    def _add(self, picked: list) -> None:
+        self.places += [i for i, _ in picked]
+        self.runner.add([job for _, job in picked])
+        self.runner.start()
+
+    def runs_read(self, col: Collected) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.runner.add([(_write_tables, (col, self.out, self.fmts), {})])
+        self.runner.start()
+        if "png" not in self.fmts:
+            return
+        if self.runner.forking:
+            # while the tables are built: load the fonts and fill matplotlib's caches
+            # here, once, rather than in every figure's process
+            from . import figures
+            figures.warm_up()
+        jobs = list(enumerate(_figure_jobs(col, self.out, self.per_trial)))
+        self._add([(i, job) for i, (needs, job) in jobs if not needs])
+        self.later = [(i, job) for i, (needs, job) in jobs if needs]
+
+    def histories_read(self, col: Collected) -> None:
+        """The figures of the metric histories (their jobs read ``col.histories``)."""
+        self._add(self.later)
+        self.later = []
+
+    def finish(self, col: Collected, while_drawing=None) -> dict[str, list[Path]]:
+        if while_drawing is not None:
+            while_drawing()
+        results = self.runner.result()
+        tables_written, table1_md, blocks = results[0]
+        figs = [p for _, p in sorted(zip(self.places, results[1:])) if p is not None]
+        written = {"tables": tables_written, "figures": figs}
+        (self.out / "index.md").write_text(_index_md(col, self.out, written, table1_md,
+                                                     blocks))
+        return written
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def _write_tables(col: Collected, out: Path, fmts: set[str]) -> tuple[list[Path], str, list]:
+    """Tables 1 and 2 (Markdown and LaTeX, as `fmts` asks) and the LaTeX preamble:
+    (the files written, Table 1 as Markdown for index.md, Table 1's blocks)."""
     runs = col.runs
     published = tables.load_published()
     blocks = tables.build_table1(runs, published)
     t2_md = tables.build_table2(runs, published, fmt="md")
-    written: dict[str, list[Path]] = {"tables": [], "figures": []}
-    table1_md = tables.render_table1_md(blocks, title=None, level=3)
+    written: list[Path] = []
 
     def _write(name: str, text: str) -> None:
         p = out / name
         p.write_text(text)
-        written["tables"].append(p)
+        written.append(p)
 
     if "md" in fmts:
         _write("table1.md", tables.render_table1_md(blocks))
         _write("table2.md", tables.render_table2_md(t2_md, tables.load_published_table2()))
     if "tex" in fmts:
-        from . import latex
         _write("preamble.tex", latex.preamble_tex())
         _write("table1.tex", latex.render_table1_tex(blocks))
         delta_tex = latex.render_table1_delta_tex(blocks)
         if delta_tex is not None:
             _write("table1_delta.tex", delta_tex)
         _write("table2.tex", latex.render_table2_tex(t2_md))
-    if "png" in fmts:
-        written["figures"] = _write_figures(col, out, per_trial)
-    (out / "index.md").write_text(_index_md(col, out, written, table1_md, blocks))
-    return written
+    return written, tables.render_table1_md(blocks, title=None, level=3), blocks
 
 
-def _write_figures(col: Collected, out: Path, per_trial: bool = False) -> list[Path]:
+def default_jobs() -> int:
+    """The CPUs this process may run on (at most 8): the default of ``--jobs``."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+class _ForkJobs:
+    """Jobs ``(function, args, kwargs)`` run each in a fresh forked child process, at most
+    ``workers`` at a time; with ``workers`` 1 (or no fork on this system) they run here,
+    one after the other. Results keep the jobs' order; the first job to fail raises its
+    error from :meth:`result`, after the other children are stopped.
+
+    A job sees this process as it was when the job started (fork: nothing is pickled on
+    the way in), and its result comes back pickled through a pipe. Every fork is made
+    from this thread, which runs nothing else meanwhile, and each child ends with
+    ``os._exit`` after one job: a child's memory is this process's plus what its one
+    job allocates, whatever ran before it."""
+
+    def __init__(self, jobs: list, workers: int | None = None):
+        self.jobs = list(jobs)
+        self.workers = default_jobs() if workers is None else workers
+        self.forking = self.workers > 1 and hasattr(os, "fork")
+        self.results: list = [None] * len(self.jobs)
+        self.running: dict[int, tuple[int, int, list]] = {}   # pid -> (job, read fd, chunks)
+        self.next = 0
+        import selectors
+        self._selectors = selectors
+        self.sel = selectors.DefaultSelector()
+
+    def add(self, jobs: list) -> None:
+        """More jobs, after those given so far."""
+        self.jobs += jobs
+        self.results += [None] * len(jobs)
+
+    # ---------------------------------------------------------------- the parent
+    def start(self) -> None:
+        """Start jobs not started yet, up to ``workers`` running; returns at once."""
+        if self.forking:
+            self._fill()
+
+    def result(self) -> list:
+        if not self.forking:
+            return [fn(*args, **kwargs) for fn, args, kwargs in self.jobs]
+        self._fill()
+        while self.running:
+            self._pump(None)
+        return self.results
+
+    def poll(self) -> None:
+        """Take the results of the jobs that have ended and start the next ones, without
+        waiting: for a caller that does other work meanwhile."""
+        if self.forking and self.running:
+            self._pump(0)
+
+    def _pump(self, timeout: float | None) -> None:
+        """Read what the children have written (waiting up to ``timeout`` s for some);
+        a child whose pipe is closed has ended: its result is taken, the next job starts."""
+        for key, _ in self.sel.select(timeout):
+            pid = key.data
+            i, fd, chunks = self.running[pid]
+            data = os.read(fd, 1 << 20)
+            if data:
+                chunks.append(data)
+                continue
+            self.sel.unregister(fd)
+            os.close(fd)
+            del self.running[pid]
+            _, status = os.waitpid(pid, 0)
+            self._take(i, b"".join(chunks), status)
+            self._fill()
+
+    def _fill(self) -> None:
+        while self.next < len(self.jobs) and len(self.running) < self.workers:
+            i, self.next = self.next, self.next + 1
+            r, w = os.pipe()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:                                  # the child
+                os.close(r)
+                self._child(i, w)
+            os.close(w)
+            self.running[pid] = (i, r, [])
+            self.sel.register(r, self._selectors.EVENT_READ, pid)
+
+    def _take(self, i: int, data: bytes, status: int) -> None:
+        import pickle
+        try:
+            kind, value = pickle.loads(data)
+        except Exception:
+            code = os.waitstatus_to_exitcode(status)
+            raise ReportError(f"report job {self._name(i)} ended without a result (exit status "
+                              f"{code})") from None
+        if kind == "error":
+            raise value
+        self.results[i] = value
+
+    def _name(self, i: int) -> str:
+        fn, args, _ = self.jobs[i]
+        path = next((a for a in args if isinstance(a, Path)), None)
+        return f"{fn.__name__}" + (f" ({path.name})" if path is not None else "")
+
+    def close(self) -> None:
+        """Stop and reap the children still running (after an error or an interrupt)."""
+        import signal
+        for pid, (_, fd, _) in list(self.running.items()):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            self.sel.unregister(fd)
+            os.close(fd)
+        self.running.clear()
+        self.sel.close()
+
+    # ---------------------------------------------------------------- the child
+    def _child(self, i: int, w: int) -> None:
+        import pickle
+        import signal
+        code = 0
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            fn, args, kwargs = self.jobs[i]
+            try:
+                out = ("ok", fn(*args, **kwargs))
+            except BaseException as e:          # noqa: BLE001 (reported to the parent)
+                out = ("error", e)
+            try:
+                data = pickle.dumps(out)
+            except Exception as e:              # an unpicklable result or error
+                data = pickle.dumps(("error", ReportError(
+                    f"report job {self._name(i)}: {type(out[1]).__name__}: {out[1]} ({e})")))
+            with os.fdopen(w, "wb") as f:
+                f.write(data)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:                   # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+
+
+class _StreamedHists:
+    """The residual_hist.json of some runs, read one at a time on each pass and not
+    kept: pooling the histograms of hundreds of runs then needs the memory of one."""
+
+    def __init__(self, col: Collected, run_ids):
+        self.col, self.run_ids = col, [str(r) for r in run_ids]
+
+    def __iter__(self):
+        return (d for rid in self.run_ids if (d := self.col.residual_hist(rid, cache=False)))
+
+
+def _overlay_inputs(col: Collected, ds_runs, streamed: bool = False) -> dict:
+    """{arch: {method: the runs' residual_hist.json}} for :func:`figures.residual_overlay`:
+    lists, or with ``streamed`` iterables that read the files as they are pooled."""
     from . import figures
-    from .collect import sanitize
+    datas = {}
+    for arch in sorted(ds_runs["arch"].unique(), key=arch_order):
+        sub = ds_runs[ds_runs["arch"] == arch]
+        ids = {m: sub.loc[sub["method"] == m, "run_id"] for m in figures.OVERLAY_METHODS}
+        datas[arch] = {m: _StreamedHists(col, r) if streamed else
+                       [d for rid in r if (d := col.residual_hist(rid))]
+                       for m, r in ids.items()}
+    return datas
+
+
+def _residual_overlay(col: Collected, ds_runs, title: str, path: Path, residual):
+    from . import figures
+    return figures.residual_overlay(_overlay_inputs(col, ds_runs, streamed=True), title,
+                                    path, residual=residual)
+
+
+def _residual_hist(col: Collected, run_id: str, trial: str, path: Path):
+    from . import figures
+    data = col.residual_hist(run_id)
+    return figures.residual_hist(data, trial, path) if data else None
+
+
+def _selection(ds_runs, col: Collected, path: Path):
+    from . import figures
+    return figures.selection(ds_runs, col.histories, path)
+
+
+def _delta_heatmaps(ds_runs, col: Collected, path: Path):
+    from . import figures
+    return figures.delta_heatmaps(ds_runs, col.histories, path)
+
+
+def _epoch_time(runs, col: Collected, path: Path):
+    from . import figures
+    return figures.epoch_time(runs, col.histories, path)
+
+
+def _training_curves(col: Collected, run_id: str, *args):
+    from . import figures
+    return figures.training_curves(col.histories.get(run_id), *args)
+
+
+def _delta_heatmap(col: Collected, run_id: str, *args):
+    from . import figures
+    return figures.delta_heatmap(col.histories.get(run_id), *args)
+
+
+def _figure_jobs(col: Collected, out: Path, per_trial: bool = False) -> list:
+    """The report's figures as ``(needs the metric histories, job)``, a job being
+    ``(function, args, kwargs)`` (see :class:`_ForkJobs`); a job that needs the
+    histories reads ``col.histories`` when it runs. Artifacts (residual histograms) in a
+    local store are read by the job itself; from a remote store they are downloaded
+    here first, so that a forked job never talks to MLflow."""
+    from . import figures
+    from .collect import _local_artifact, sanitize
 
     runs = col.runs
-    paths: list[Path | None] = []
+    jobs: list = []
+
+    def job(fn, *args, **kwargs) -> None:
+        jobs.append((False, (fn, args, kwargs)))
+
+    def hist_job(fn, *args) -> None:
+        jobs.append((True, (fn, args, {})))
+
+    local = all(_local_artifact(col.artifact_uris.get(str(r)), "x") is not None
+                for r in runs["run_id"])
     keys = runs.groupby("dataset", sort=True)["dataset_key"].first()
     clash = keys.duplicated(keep=False)
     for ds, key in keys.items():
         stem = sanitize(ds).lower() if clash[ds] else sanitize(key)
         ds_runs = runs[runs["dataset"] == ds]
-        paths.append(figures.acc_vs_T(ds_runs, out / f"acc_vs_T_{stem}.png"))
-        paths.append(figures.acc_vs_energy(ds_runs, out / f"acc_vs_energy_{stem}.png"))
-        paths.append(figures.selection(ds_runs, col.histories, out / f"selection_{stem}.png"))
-        paths.append(figures.delta_heatmaps(ds_runs, col.histories,
-                                            out / f"delta_heatmaps_{stem}.png"))
+        job(figures.acc_vs_T, ds_runs, out / f"acc_vs_T_{stem}.png")
+        job(figures.acc_vs_energy, ds_runs, out / f"acc_vs_energy_{stem}.png")
+        hist_job(_selection, ds_runs, col, out / f"selection_{stem}.png")
+        hist_job(_delta_heatmaps, ds_runs, col, out / f"delta_heatmaps_{stem}.png")
         nq_res = [v for v in ds_runs.loc[ds_runs["method"] == "NQ", "residual"]
                   if v != NA] if "residual" in ds_runs.columns else []
         residual = max(set(nq_res), key=nq_res.count) if nq_res else None
-        datas = {}
-        for arch in sorted(ds_runs["arch"].unique(), key=arch_order):
-            sub = ds_runs[ds_runs["arch"] == arch]
-            datas[arch] = {m: [d for rid in sub.loc[sub["method"] == m, "run_id"]
-                               if (d := col.residual_hist(rid))]
-                           for m in figures.OVERLAY_METHODS}
-        paths.append(figures.residual_overlay(datas, dataset_display(key, ds),
-                                              out / f"residual_overlay_{stem}.png",
-                                              residual=residual))
-    paths.append(figures.epoch_time(runs, col.histories, out / "epoch_time.png"))
+        title, path = dataset_display(key, ds), out / f"residual_overlay_{stem}.png"
+        if local:
+            job(_residual_overlay, col, ds_runs, title, path, residual)
+        else:
+            job(figures.residual_overlay, _overlay_inputs(col, ds_runs), title, path,
+                residual=residual)
+    hist_job(_epoch_time, runs, col, out / "epoch_time.png")
     ref_tau, ref = figures.layerwise_reference(runs[runs["method"] == "NQ"])
-    paths.append(figures.ablation(runs[runs["method"] == "NQ-fixed"], "delta",
-                                  out / "ablation_delta.png", "fixed noise δ (all layers)",
-                                  reference=ref,
-                                  reference_label=f"dashed: layer-wise δ (NQ, τ = {ref_tau}), "
-                                                  "same colour = same T"))
-    paths.append(figures.ablation(runs[runs["method"] == "NQ"], "tau",
-                                  out / "ablation_tau.png", "calibration time steps τ",
-                                  log_x=True))
+    job(figures.ablation, runs[runs["method"] == "NQ-fixed"], "delta",
+        out / "ablation_delta.png", "fixed noise δ (all layers)", reference=ref,
+        reference_label=f"dashed: layer-wise δ (NQ, τ = {ref_tau}), same colour = same T")
+    job(figures.ablation, runs[runs["method"] == "NQ"], "tau", out / "ablation_tau.png",
+        "calibration time steps τ", log_x=True)
     if per_trial:
         for _, r in runs.iterrows():
-            hist = col.histories.get(r["run_id"])
             name = r["trial_file"]
             title = f"{r['trial']} ({r['method']})"
-            paths.append(figures.training_curves(hist, r["best_epoch"], title,
-                                                 out / f"curves_{name}.png", r["select_T"],
-                                                 r["select_on"]))
-            paths.append(figures.delta_heatmap(hist, title, out / f"delta_heatmap_{name}.png"))
-            data = col.residual_hist(r["run_id"])
-            if data:
-                paths.append(figures.residual_hist(data, r["trial"],
-                                                   out / f"residual_hist_{name}.png"))
-    return [p for p in paths if p is not None]
+            hist_job(_training_curves, col, r["run_id"], r["best_epoch"], title,
+                     out / f"curves_{name}.png", r["select_T"], r["select_on"])
+            hist_job(_delta_heatmap, col, r["run_id"], title, out / f"delta_heatmap_{name}.png")
+            path = out / f"residual_hist_{name}.png"
+            if local:
+                job(_residual_hist, col, r["run_id"], r["trial"], path)
+            elif data := col.residual_hist(r["run_id"]):
+                job(figures.residual_hist, data, r["trial"], path)
+    return jobs
+
+
+def _write_figures(col: Collected, out: Path, per_trial: bool = False,
+                   jobs: int | None = None) -> list[Path]:
+    """Draw every figure (see :func:`_figure_jobs`); the PNG paths, in a fixed order."""
+    runner = _ForkJobs([job for _, job in _figure_jobs(col, out, per_trial)], jobs)
+    try:
+        return [p for p in runner.result() if p is not None]
+    finally:
+        runner.close()
 
 
 # (file name prefix, heading, shown inline, what it shows)
@@ -389,10 +680,11 @@ def _appendix_section(col: Collected, blocks: list[tables.Block]) -> list[str]:
 
 def run(experiment: str, tracking_uri: str | None = None, out: str | Path | None = None,
         formats: str = "md,tex,png", parent: str | None = None, per_trial: bool = False,
-        attach: bool = True) -> Path:
+        attach: bool = True, jobs: int | None = None) -> Path:
     """Write the report of one experiment (its newest parent run, or `parent`) to `out`
     (default reports/<experiment>/); with `attach`, also log its tables and index.md as
-    artifacts (`report/`) of that parent run. Raises ReportError."""
+    artifacts (`report/`) of that parent run, once everything is written. `jobs`:
+    processes that draw the figures (default :func:`default_jobs`). Raises ReportError."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.ERROR)
@@ -400,23 +692,62 @@ def run(experiment: str, tracking_uri: str | None = None, out: str | Path | None
     out = Path(out) if out else Path("reports") / experiment
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file (expected a folder, existing or new)")
+    if jobs is not None and jobs < 1:
+        raise ReportError(f"--jobs {jobs} is not allowed (expected an integer >= 1)")
     fmts = _parse_formats(formats)
+    client: list = []
+    rep = _ReportJobs(out, fmts, per_trial, jobs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        col = collect(experiment, uri, parent=parent)
         try:
-            written = write_report(col, out, fmts, per_trial=per_trial)
+            col = collect(experiment, uri, parent=parent, on_runs=rep.runs_read,
+                          progress=rep.runner.poll)
+            rep.histories_read(col)
+            # a remote artifact store: open the client while the figures are drawn
+            prepare = ((lambda: client.append(_attach_client(col))) if attach and
+                       col.parent_id and _parent_artifact_dir(col) is None else None)
+            written = rep.finish(col, while_drawing=prepare)
         except OSError as e:
             raise ReportError(f"--out {out} cannot be written ({e.strerror or e})") from None
+        finally:
+            rep.close()
     if attach and col.parent_id:
-        _attach(col, out, written)
+        _attach(col, out, written, client[0] if client else None)
     return out
 
 
-def _attach(col: Collected, out: Path, written: dict[str, list[Path]]) -> None:
-    """The tables and index.md as artifacts of the reported parent run (MLflow UI)."""
+def _parent_artifact_dir(col: Collected) -> Path | None:
+    """The parent run's ``report/`` artifact folder when its artifact store is a local
+    folder (``file:`` URI or path), else None (then MLflow's client uploads)."""
+    from .collect import _local_artifact
+    parents = col.parents
+    if parents is None or "artifact_uri" not in parents.columns:
+        return None
+    uri = parents.loc[parents["run_id"].astype(str) == str(col.parent_id), "artifact_uri"]
+    return _local_artifact(uri.iloc[0], "report") if len(uri) and isinstance(
+        uri.iloc[0], str) else None
+
+
+def _attach_client(col: Collected):
+    """An MLflow client with its store open and the parent run looked up (the slow part
+    of :func:`_attach` with a remote artifact store, done while the figures are drawn)."""
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=col.tracking_uri)
-    for path in [*written["tables"], out / "index.md"]:
-        if path.exists():
-            client.log_artifact(col.parent_id, str(path), "report")
+    client.get_run(col.parent_id)
+    return client
+
+
+def _attach(col: Collected, out: Path, written: dict[str, list[Path]], client=None) -> None:
+    """The tables and index.md as artifacts ``report/<file>`` of the reported parent run
+    (MLflow UI). A local artifact store gets the files copied into the run's artifact
+    folder, as MLflow's local artifact repository does; any other goes through MLflow."""
+    files = [p for p in [*written["tables"], out / "index.md"] if p.exists()]
+    local = _parent_artifact_dir(col)
+    if local is not None:
+        local.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            shutil.copyfile(path, local / path.name)
+        return
+    client = client or _attach_client(col)
+    for path in files:
+        client.log_artifact(col.parent_id, str(path), "report")

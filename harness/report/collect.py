@@ -248,14 +248,17 @@ class Collected:
             counts["FINISHED"] = len(self.runs)
         return counts
 
-    def residual_hist(self, run_id: str) -> dict | None:
-        """Parsed residual_hist.json of a run, or None if it has none."""
-        if run_id not in self._hist_cache:
-            local = _local_artifact(self.artifact_uris.get(run_id), "residual_hist.json")
-            self._hist_cache[run_id] = (_read_json(local) if local is not None else
-                                        _download_json(self.tracking_uri, run_id,
-                                                       "residual_hist.json"))
-        return self._hist_cache[run_id]
+    def residual_hist(self, run_id: str, cache: bool = True) -> dict | None:
+        """Parsed residual_hist.json of a run, or None if it has none; kept for the next
+        call unless ``cache`` is False (a pass over many runs that reads each once)."""
+        if run_id in self._hist_cache:
+            return self._hist_cache[run_id]
+        local = _local_artifact(self.artifact_uris.get(run_id), "residual_hist.json")
+        data = (_read_json(local) if local is not None else
+                _download_json(self.tracking_uri, run_id, "residual_hist.json"))
+        if cache:
+            self._hist_cache[run_id] = data
+        return data
 
 
 def _local_artifact(artifact_uri: str | None, name: str) -> Path | None:
@@ -543,15 +546,18 @@ class Histories(Mapping):
         return cls(long, run_ids)
 
 
-def _histories(client, raw: pd.DataFrame, runs: pd.DataFrame) -> Histories:
+def _histories(client, raw: pd.DataFrame, runs: pd.DataFrame, progress=None) -> Histories:
     """Metric histories through the client API: one request per run and key (any
-    tracking store; the fallback of :meth:`_SqliteStore.histories`)."""
+    tracking store; the fallback of :meth:`_SqliteStore.histories`); ``progress()`` is
+    called after each run, if given."""
     metric_cols = [c for c in raw.columns if c.startswith("metrics.")]
     by_id = raw.set_index(raw["run_id"].astype(str))
     run_ids = [str(r) for r in runs["run_id"]]
     keys: dict[str, int] = {}
     rc, kc, st, ts, va = [], [], [], [], []
     for i, rid in enumerate(run_ids):
+        if progress is not None and i:
+            progress()
         row = by_id.loc[rid]
         for c in metric_cols:
             key = c.removeprefix("metrics.")
@@ -652,11 +658,12 @@ class _SqliteStore:
         return out.sort_values("start_time", ascending=False, kind="stable") \
             .reset_index(drop=True)
 
-    def histories(self, exp_id: int, run_ids: list[str]) -> Histories:
+    def histories(self, exp_id: int, run_ids: list[str], progress=None) -> Histories:
         """The :data:`_HISTORY_KEYS` histories of ``run_ids`` (runs of ``exp_id``) in one
         query over the primary key index of ``metrics`` (key ranges; the index holds
         every column, so no table lookups), fetched and turned into arrays in chunks of
-        rows so that memory stays bounded."""
+        rows so that memory stays bounded; ``progress()`` is called after each chunk,
+        if given."""
         cond = " OR ".join(_key_range(p) for p in _HISTORY_PREFIXES)
         cur = self.con.execute(
             f"SELECT run_uuid, key, step, timestamp, value, is_nan FROM metrics "
@@ -666,7 +673,9 @@ class _SqliteStore:
         keys: dict[str, int] = {}          # every wanted key -> its code
         parts: list[tuple] = []
         while True:
-            rows = cur.fetchmany(50_000)
+            if progress is not None and parts:
+                progress()
+            rows = cur.fetchmany(20_000)
             if not rows:
                 break
             rid, k, st, ts, va, nan = zip(*rows)
@@ -736,7 +745,8 @@ def select_parent(parents: pd.DataFrame, parent: str | None, experiment: str) ->
 
 
 def collect(experiment: str, tracking_uri: str, *, histories: bool = True,
-            parent: str | None = None, bulk: bool = True) -> Collected:
+            parent: str | None = None, bulk: bool = True, on_runs=None,
+            progress=None) -> Collected:
     """Load the trial runs of one parent run (sweep) of an experiment.  Raises ReportError.
 
     ``parent``: the parent run id; default: the newest parent run (by start time).
@@ -745,7 +755,9 @@ def collect(experiment: str, tracking_uri: str, *, histories: bool = True,
     standard library's sqlite3 (:class:`_SqliteStore`; mlflow is not imported).  Other
     stores (HTTP, file, PostgreSQL, …), ``bulk=False``, or a sqlite schema that the
     queries do not fit: ``mlflow.search_runs`` and one ``get_metric_history`` per run
-    and key.
+    and key. ``on_runs(col)``, if given, is called once the runs are read, before the
+    metric histories are (``col.histories`` is None then); ``progress()``, if given,
+    every so often while the histories are read (after a chunk of rows, or a run).
     """
     _check_store_exists(tracking_uri)
     path = _sqlite_path(tracking_uri) if bulk else None
@@ -757,9 +769,11 @@ def collect(experiment: str, tracking_uri: str, *, histories: bool = True,
         client, raw = _client_runs(experiment, tracking_uri)
     try:
         col, finished = _select(raw, experiment, parent, tracking_uri)
+        if on_runs is not None:
+            on_runs(col)
         if histories:
             col.histories = _read_histories(col.runs, finished, store, exp_id, client,
-                                            tracking_uri)
+                                            tracking_uri, progress)
     finally:
         if store is not None:
             store.close()
@@ -809,18 +823,18 @@ def _client_runs(experiment: str, tracking_uri: str) -> tuple[object, pd.DataFra
 
 
 def _read_histories(runs: pd.DataFrame, finished: pd.DataFrame, store: _SqliteStore | None,
-                    exp_id: int | None, client, tracking_uri: str) -> Histories:
+                    exp_id: int | None, client, tracking_uri: str, progress=None) -> Histories:
     """The metric histories of the reported runs: in one query from the sqlite store
     when it was read in bulk, else (or when that query fails) through the MLflow client."""
     if store is not None:
         try:
-            return store.histories(exp_id, [str(r) for r in runs["run_id"]])
+            return store.histories(exp_id, [str(r) for r in runs["run_id"]], progress)
         except sqlite3.Error as exc:
             log.info("bulk sqlite history reading failed (%s)", exc)
     if client is None:
         from mlflow.tracking import MlflowClient
         client = MlflowClient(tracking_uri=tracking_uri)
-    return _histories(client, finished, runs)
+    return _histories(client, finished, runs, progress)
 
 
 def _select(raw: pd.DataFrame, experiment: str, parent: str | None,

@@ -45,6 +45,25 @@ def _color(method: str, i: int = 0) -> str:
     return METHOD_COLORS.get(method, f"C{(i + 3) % 10}")
 
 
+def warm_up() -> None:
+    """Draw a small figure (text, log axis, error bars, image, colour bar) as PNG and PDF
+    into memory: loads the fonts and fills matplotlib's caches once, before the report
+    forks one process per figure (each would otherwise pay for it again)."""
+    import io
+
+    with plt.rc_context(STYLE):
+        fig, (a, b) = plt.subplots(1, 2, figsize=(WIDTH, 1.5))
+        a.errorbar([1, 2, 4], [1.0, 2.0, 3.0], yerr=[0.1, 0.2, 0.1], marker="o", label="T=1")
+        a.set_xscale("log", base=2)
+        a.set_title("δ τ λ ± − µJ ★")
+        a.legend()
+        im = b.imshow(np.arange(4.0).reshape(2, 2))
+        fig.colorbar(im, ax=b)
+        for fmt in ("png", "pdf"):
+            fig.savefig(io.BytesIO(), format=fmt, dpi=DPI)
+        plt.close(fig)
+
+
 def _save(fig, path: Path) -> Path:
     """Write the figure as PNG (``path``) and as PDF (same name, ``.pdf``), both cut to
     the drawn content plus a small margin.  One raster draw: the PNG is the cropped
@@ -221,12 +240,11 @@ def acc_vs_energy(runs: pd.DataFrame, path: Path) -> Path | None:
 
 def _energy_points(grp: pd.DataFrame, ts: list[int]) -> list[tuple[int, object, object]]:
     """(T, energy Stat, accuracy Stat) per T, over the runs with both at that T."""
-    pts = []
-    for t in ts:
-        both = grp[[f"T{t}", f"E{t}"]].dropna()
-        if len(both):
-            pts.append((t, stat_of(both[f"E{t}"]), stat_of(both[f"T{t}"])))
-    return pts
+    acc = grp[[f"T{t}" for t in ts]].to_numpy(dtype=float)
+    energy = grp[[f"E{t}" for t in ts]].to_numpy(dtype=float)
+    both = ~(np.isnan(acc) | np.isnan(energy))
+    return [(t, stat_of(energy[both[:, j], j]), stat_of(acc[both[:, j], j]))
+            for j, t in enumerate(ts) if both[:, j].any()]
 
 
 def _energy_axes(ax, arch: str, ns: set[int]) -> None:
@@ -707,8 +725,10 @@ def delta_heatmaps(runs: pd.DataFrame, histories, path: Path) -> Path | None:
     vmax = max(float(np.nanmax(m.to_numpy(dtype=float))) for _, m, _ in mats)
     with plt.rc_context({**STYLE, "axes.grid": False}):
         heights = [max(1.2, 0.5 + 0.07 * len(m)) for _, m, _ in mats]
+        # 0.3 in of spare width on the right: the colour bar's labels stay inside the
+        # canvas (the saved files are cropped to the drawn content)
         fig, axes = plt.subplots(len(mats), 1,
-                                 figsize=(WIDTH, sum(heights) + 0.6 + 0.4 * (len(mats) - 1)),
+                                 figsize=(WIDTH + 0.3, sum(heights) + 0.6 + 0.4 * (len(mats) - 1)),
                                  squeeze=False, gridspec_kw={"height_ratios": heights})
         for ax, (arch, m, sub) in zip(axes[:, 0], mats):
             epochs = list(m.columns)
@@ -724,8 +744,8 @@ def delta_heatmaps(runs: pd.DataFrame, histories, path: Path) -> Path | None:
             ax.set_title(_wrap(f"{arch_label(arch)}: mean δ_trained of {len(sub)} NQ runs"
                                f"{_pooled_note(sub)}", WIDTH - 1.0, 5.5), fontsize=5.5)
         axes[-1, 0].set_xlabel("epoch")
-        _fixed_layout(fig, len(mats), 1, left=0.7, right=0.55, hspace=0.4, bottom=0.35)
-        cax = fig.add_axes([1 - 0.45 / fig.get_size_inches()[0], 0.35 / fig.get_size_inches()[1],
+        _fixed_layout(fig, len(mats), 1, left=0.7, right=0.85, hspace=0.4, bottom=0.35)
+        cax = fig.add_axes([1 - 0.75 / fig.get_size_inches()[0], 0.35 / fig.get_size_inches()[1],
                             0.08 / fig.get_size_inches()[0],
                             1 - 0.6 / fig.get_size_inches()[1]])
         cb = fig.colorbar(im, cax=cax)
@@ -738,7 +758,7 @@ def delta_heatmaps(runs: pd.DataFrame, histories, path: Path) -> Path | None:
 OVERLAY_METHODS = ("QCFS", "NQ")
 
 
-def pooled_residual_hist(datas: list[dict], residual: str | None = None
+def pooled_residual_hist(datas: "Iterable[dict]", residual: str | None = None
                          ) -> tuple[np.ndarray, list[str], np.ndarray, int] | None:
     """Sum of the per-layer residual histograms of several runs (same bins and layers):
     (edges, layers, counts [layers x bins], runs used); ``residual`` picks the residual
@@ -928,7 +948,8 @@ def ablation(runs: pd.DataFrame, setting: str, path: Path, xlabel: str,
                 if ref is not None and ref[c].notna().any():
                     ax.axhline(float(ref[c].mean()), color=color, linestyle="--",
                                linewidth=0.8,
-                               label=f"{reference_label} (n = {int(ref[c].notna().sum())})"
+                               label=_wrap(f"{reference_label} (n = "
+                                           f"{int(ref[c].notna().sum())})", WIDTH - 0.3, 6)
                                if i == 0 else None)
             if log_x and numeric and min(xpos) > 0:
                 ax.set_xscale("log", base=2)
@@ -938,11 +959,27 @@ def ablation(runs: pd.DataFrame, setting: str, path: Path, xlabel: str,
             ax.set_title(_wrap(f"{arch_label(arch)}" + (f" — {ds}" if multi_ds else "")
                                + _pooled_note(sub, exclude=setting), WIDTH, 7))
         axes[-1, 0].set_xlabel(xlabel)
-        _fixed_layout(fig, len(panels), 1, hspace=0.35, bottom=0.9)
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)),
-                   frameon=False)   # below the panels
+        _ablation_legends(fig, axes, len(panels))
         return _save(fig, path)
+
+
+def _ablation_legends(fig, axes, n_panels: int) -> None:
+    """Below the panels: one legend for the T lines, then the reference's line (or
+    lines); the bottom margin is made to hold them."""
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    is_t = [lab.startswith("T=") for lab in labels]
+    ref_lines = sum(lab.count("\n") + 1 for lab, t in zip(labels, is_t) if not t)
+    bottom = 0.9 + 0.1 * ref_lines       # in inches: tick labels, x label, legends
+    _fixed_layout(fig, n_panels, 1, hspace=0.35, bottom=bottom)
+    h_in = fig.get_size_inches()[1]
+    t_handles = [(h, lab) for h, lab, t in zip(handles, labels, is_t) if t]
+    fig.legend([h for h, _ in t_handles], [lab for _, lab in t_handles],
+               loc="lower center", ncol=min(4, len(t_handles)) or 1, frameon=False,
+               bbox_to_anchor=(0.5, (0.1 * ref_lines + 0.02) / h_in))
+    if ref_lines:
+        fig.legend([h for h, t in zip(handles, is_t) if not t],
+                   [lab for lab, t in zip(labels, is_t) if not t], loc="lower center",
+                   frameon=False, bbox_to_anchor=(0.5, 0.0))
 
 
 # ---------------------------------------------------------------- one trial's curves (a run artifact)
