@@ -362,6 +362,20 @@ def test_figures_in_parallel_equal_serial(store, report, tmp_path):
     assert (serial / "index.md").read_text() == (par / "index.md").read_text()
 
 
+def test_collect_hands_over_the_runs_before_the_histories(store):
+    """on_runs sees the runs before the metric histories are read (the report starts its
+    tables and run-level figures then); progress is called while they are read."""
+    import importlib
+
+    collect_mod = importlib.import_module("harness.report.collect")
+    seen, ticks = [], []
+    for bulk in (True, False):
+        col = collect_mod.collect(EXP, store, bulk=bulk,
+                                  on_runs=lambda c: seen.append((len(c.runs), len(c.histories))),
+                                  progress=lambda: ticks.append(bulk))
+        assert seen[-1] == (8, 0) and len(col.histories) == 8
+        assert ticks.count(bulk) >= 1
+
 def _boom(path):
     raise ValueError(f"cannot draw {path}")
 

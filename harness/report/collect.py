@@ -756,7 +756,7 @@ def collect(experiment: str, tracking_uri: str, *, histories: bool = True,
     stores (HTTP, file, PostgreSQL, …), ``bulk=False``, or a sqlite schema that the
     queries do not fit: ``mlflow.search_runs`` and one ``get_metric_history`` per run
     and key. ``on_runs(col)``, if given, is called once the runs are read, before the
-    metric histories are (``col.histories`` is None then); ``progress()``, if given,
+    metric histories are (``col.histories`` is empty then); ``progress()``, if given,
     every so often while the histories are read (after a chunk of rows, or a run).
     """
     _check_store_exists(tracking_uri)
