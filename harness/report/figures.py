@@ -955,6 +955,11 @@ def ablation(runs: pd.DataFrame, setting: str, path: Path, xlabel: str,
                 ax.set_xscale("log", base=2)
             ax.set_xticks(xpos)
             ax.set_xticklabels(xs_all)
+            span = (np.log2(max(xpos) / min(xpos)) if ax.get_xscale() == "log"
+                    else max(xpos) - min(xpos))
+            gaps = np.diff(np.log2(xpos) if ax.get_xscale() == "log" else xpos)
+            if span > 0 and gaps.size and gaps.min() / span < 0.08:   # labels would touch
+                ax.tick_params(axis="x", labelrotation=60)
             ax.set_ylabel("SNN test accuracy (%)")
             ax.set_title(_wrap(f"{arch_label(arch)}" + (f" — {ds}" if multi_ds else "")
                                + _pooled_note(sub, exclude=setting), WIDTH, 7))
