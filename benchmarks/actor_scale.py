@@ -34,17 +34,20 @@ SCRIPT = "actor_scale.py"
 TITLE = "Calibration actor at scale"
 TAU = 4
 LEVELS = (1, 2, 4, 8)
-QUICK = dict(images=64, calls=2, reps=2, slots=(1, 2))
-FULL = dict(images=500, calls=4, reps=3, slots=(1, 2, 4))
+QUICK = dict(images=64, calls=2, reps=2, slots=(1, 2), batch=64)
+# 250 images in batches of 125: one 500-image batch at tau = 4 peaks at about 2 GB per
+# calibration, and 8 local trials plus actors of 1, 2 and 4 slots then ran a 24 GB
+# machine out of memory (the kernel killed an actor). 2 slots at most on 2 CPUs.
+FULL = dict(images=250, calls=3, reps=2, slots=(1, 2), batch=125)
 
 
-def _config(images: int):
+def _config(images: int, batch: int):
     from harness.config import load_config
 
     # synthetic data: the actor and local trials load the same split; 10% of 5,000 for validation
     return load_config(None, ["model.arch=resnet20", f"noise.tau={TAU}", "data.name=synthetic",
                               "data.synthetic.num_train=5000", "data.val_fraction=0.1",
-                              f"noise.calib_samples={images}", f"data.eval_batch_size={images}"])
+                              f"noise.calib_samples={images}", f"data.eval_batch_size={batch}"])
 
 
 def _trial(index: int, mode: str, cfg_dict: dict, spec: dict, calls: int, barrier, actor: str | None) -> list[dict]:
@@ -114,7 +117,7 @@ def run(quick: bool, threads: int) -> str:
 
     spec_ = QUICK if quick else FULL
     cmd = command(SCRIPT, quick, threads)
-    cfg = _config(spec_["images"])
+    cfg = _config(spec_["images"], spec_["batch"])
     data = load_dataset(cfg.data, cfg.train.seed)  # fills the dataset cache before the workers start
     cfg = cfg.resolved(data.image_size)
     mspec = model_spec(cfg, data.num_classes, data.in_chans)
@@ -166,7 +169,7 @@ def run(quick: bool, threads: int) -> str:
                          "—" if mode == "local" else f"{_pct(d['q'], 0.95):.2f}",
                          f"{statistics.median(d['c']):.2f}", f"{statistics.median(d['rt']):.2f}"])
     verdict = _verdict(raw, spec_)
-    body = (f"ResNet-20, τ = {TAU}, {spec_['images']} calibration images per call (synthetic 32×32, one batch), "
+    body = (f"ResNet-20, τ = {TAU}, {spec_['images']} calibration images per call (synthetic 32×32, in batches of {spec_['batch']}: a batch of 500 at τ = 4 peaks near 2 GB per calibration, and at 8 concurrent local trials the first full run exhausted this machine's memory), "
             f"{threads} CPUs for Ray (ray.init {ray_s:.0f} s, untimed); load average at start "
             f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs. Simulated trials are closed loops "
             f"of {spec_['calls']} timed calls each after one warm-up call, started together at a barrier, "
