@@ -146,7 +146,7 @@ def run(quick: bool, threads: int, reps: int = DEFAULT_REPS) -> str:
     folder, x, y, mean, std = _load(archive, cfg["n"])
     setup_s = time.perf_counter() - t0
     N = len(y)
-    ours = Loader(x, y, BATCH, mean=mean, std=std, augment=AugmentCfg(crop_pad=PAD, flip=True, cutout=CUTOUT),
+    ours = Loader(x, y, BATCH, mean=mean, std=std, augment=AugmentCfg(crop_pad=PAD, flip=True, cutout=CUTOUT, autoaugment=False),
                   shuffle=True, drop_last=False, device="cpu", seed=0)
     epoch = [0]
 

@@ -26,7 +26,7 @@ from typing import Iterable, Protocol
 import torch
 from torch import nn
 
-from .convert import activation_layers, to_snn
+from .convert import TRACE_GUARD, activation_layers, to_snn
 from .neurons import _qcfs_fwd, fused_enabled
 
 __all__ = ["ResidualStats", "residual_error", "estimate_delta", "Calibrator", "LocalCalibrator",
@@ -185,10 +185,11 @@ def residual_error(model: nn.Module, batches: Iterable[torch.Tensor] | torch.Ten
     try:
         for x in batches:
             ann_out.clear()
-            model(x)
-            for h in out_sums:
-                h.start()
-            snn.simulate(x, tau, layout=layout)  # the hooks record; the neurons' own recording stays off
+            with TRACE_GUARD.forward():   # no torch.fx trace in another thread meanwhile
+                model(x)
+                for h in out_sums:
+                    h.start()
+                snn.simulate(x, tau, layout=layout)  # the hooks record; the neurons' own recording stays off
             if sums is None:
                 sums = torch.zeros(len(acts), _S, dtype=torch.float64, device=x.device)
             for l, ((_, a), neuron, h) in enumerate(zip(acts, snn.neurons, out_sums)):

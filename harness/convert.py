@@ -263,12 +263,59 @@ def example_input(model: nn.Module, input_shape: tuple[int, ...] | None = None) 
                        dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
 
 
+class _TraceGuard:
+    """torch.fx tracing patches ``nn.Module.__call__`` for the whole process while it
+    runs, so a forward pass in another thread meanwhile goes through the tracer and
+    fails ("module is not installed as a submodule"). Forward passes that may run
+    beside a conversion in the same process (the calibration actor's concurrent
+    calibrations) hold :meth:`forward`, one batch at a time; a trace holds :meth:`trace`
+    alone. A waiting trace goes before new forward passes, so it waits one batch at
+    most."""
+
+    def __init__(self):
+        import threading
+        self._cond = threading.Condition()
+        self._forwards = 0
+        self._tracing = False
+        self._waiting = 0
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._tracing and not self._waiting)
+            self._forwards += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._forwards -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def trace(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._tracing and not self._forwards)
+            self._waiting -= 1
+            self._tracing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._tracing = False
+                self._cond.notify_all()
+
+
+TRACE_GUARD = _TraceGuard()
+
+
 def trace(model: nn.Module, example: torch.Tensor | None = None) -> tuple[torch.fx.Graph, Tracer]:
     """Trace `model` (NQ/QCFS and IF neurons as leaves). With `example` every node's
     concrete value is kept in `tracer.values`. The model should be in eval mode (leaf
-    modules run on the example: BN in train mode would update its statistics)."""
+    modules run on the example: BN in train mode would update its statistics). Holds
+    :data:`TRACE_GUARD` while it traces."""
     tracer = Tracer(example)
-    with torch.no_grad():
+    with TRACE_GUARD.trace(), torch.no_grad():
         graph = tracer.trace(model)
     return graph, tracer
 

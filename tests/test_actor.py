@@ -136,6 +136,64 @@ def test_concurrent_calls_queue_for_a_compute_slot(setup):
         assert [e["epoch"] for e in actor.history("t")] == [1, 2, 3]
 
 
+
+def test_a_conversion_beside_a_calibration_in_another_thread():
+    """torch.fx tracing (every to_snn) patches nn.Module.__call__ for the whole process:
+    a calibration computing in another thread of the actor failed with "module is not
+    installed as a submodule" (first seen with 2 compute slots under load). Thread A is
+    inside a forward pass when thread B starts converting a model whose trace takes a
+    while; both must succeed, and A's statistics equal those of the same calibration
+    run alone."""
+    from harness.calibration import residual_error
+    from harness.convert import to_snn
+
+    torch.manual_seed(0)
+    x = torch.rand(48, 1, 8, 8)
+    model_a = _model(1)
+    alone = residual_error(model_a, x, 4, batch_size=16, histograms=False)
+    a_inside, b_tracing = threading.Event(), threading.Event()
+
+    class SlowToTrace(nn.Module):       # its forward runs (on proxies) during the trace
+        def __init__(self):
+            super().__init__()
+            self.inner = _model(2)
+
+        def forward(self, x):
+            b_tracing.set()
+            time.sleep(0.3)             # A's forward pass goes on meanwhile, unless guarded
+            return self.inner(x)
+
+    def hold(module, inputs):           # A, in its first batch's ANN forward pass
+        if not a_inside.is_set():
+            a_inside.set()
+            b_tracing.wait(1.0)         # unguarded, B is tracing when A goes on
+    conv = next(m for m in model_a.modules() if isinstance(m, nn.Conv2d))
+    hook = conv.register_forward_pre_hook(hold)
+    out, errors = {}, []
+
+    def run_a():
+        try:
+            out["a"] = residual_error(model_a, x, 4, batch_size=16, histograms=False)
+        except Exception as e:          # noqa: BLE001
+            errors.append(e)
+
+    def run_b():
+        a_inside.wait(5)
+        try:
+            out["b"] = to_snn(SlowToTrace().eval())
+        except Exception as e:          # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=run_a), threading.Thread(target=run_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    hook.remove()
+    assert not errors, errors
+    assert out["a"].std == alone.std and out["a"].mean == alone.mean
+    assert len(out["b"].neurons) == len(to_snn(_model(2)).neurons)
+
+
 class FakeActorError(Exception):
     pass
 

@@ -134,6 +134,17 @@ def test_run_all_quick_writes_report(tmp_path):
     assert "## Data pipeline" not in text and "## Calibration" not in text
 
 
+
+def test_data_pipeline_quick_runs():
+    """The data-pipeline benchmark runs on the real archive (it once failed on an
+    unresolved augmentation default and nobody noticed until a full run)."""
+    from benchmarks import data_pipeline
+
+    if data_pipeline.archive_path() is None:
+        pytest.skip("the CIFAR-10 JPEG archive is not on this machine")
+    text = data_pipeline.run(quick=True, threads=1, reps=1)
+    assert "Failed" not in text and "| " in text, text[:500]
+
 # ----------------------------------------------------------------------------- accuracy per compute
 
 def _result(method: str, ann: float, accs: dict) -> dict:
