@@ -137,7 +137,7 @@ def run_pair(quick: bool = False, calib_calls: int = 10) -> str:
 
     total_direct = sum(direct)
     per_trial = (t_sweep - total_direct) / len(direct)
-    n_calib = len(local.images)
+    n_calib = len(local.calib_set)
     rows += [
         ("trials", f"{len(direct)} x {cfg.train.epochs} epochs (digits, cnn_small), 1 CPU each, sequential"),
         ("direct train.run, sum", f"{total_direct:.1f} s ({' + '.join(f'{d:.1f}' for d in direct)})"),

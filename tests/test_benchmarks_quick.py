@@ -145,6 +145,17 @@ def test_data_pipeline_quick_runs():
     text = data_pipeline.run(quick=True, threads=1, reps=1)
     assert "Failed" not in text and "| " in text, text[:500]
 
+
+@pytest.mark.slow
+def test_sweep_overhead_pair_quick():
+    """The sweep-overhead benchmark's pair part runs end to end (it once failed on a
+    renamed LocalCalibrator attribute, seen only in a full `make bench`)."""
+    pytest.importorskip("ray")
+    from benchmarks import sweep_overhead
+
+    text = sweep_overhead.run(quick=True, parts="pair", calib_calls=2)
+    assert "sweep overhead per trial" in text and "calibration per call, actor" in text
+
 # ----------------------------------------------------------------------------- accuracy per compute
 
 def _result(method: str, ann: float, accs: dict) -> dict:
