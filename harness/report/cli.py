@@ -1,6 +1,7 @@
 """``harness report``: MLflow experiment -> tables, figures and index.md."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -311,10 +312,14 @@ class _ForkJobs:
             r, w = os.pipe()
             sys.stdout.flush()
             sys.stderr.flush()
+            # the child's garbage collections leave this process's objects alone (frozen),
+            # so the pages they share stay shared instead of being copied on write
+            gc.freeze()
             pid = os.fork()
             if pid == 0:                                  # the child
                 os.close(r)
                 self._child(i, w)
+            gc.unfreeze()
             os.close(w)
             self.running[pid] = (i, r, [])
             self.sel.register(r, self._selectors.EVENT_READ, pid)
