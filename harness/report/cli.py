@@ -507,16 +507,6 @@ def _figure_jobs(col: Collected, out: Path, per_trial: bool = False) -> list:
     return jobs
 
 
-def _write_figures(col: Collected, out: Path, per_trial: bool = False,
-                   jobs: int | None = None) -> list[Path]:
-    """Draw every figure (see :func:`_figure_jobs`); the PNG paths, in a fixed order."""
-    runner = _ForkJobs([job for _, job in _figure_jobs(col, out, per_trial)], jobs)
-    try:
-        return [p for p in runner.result() if p is not None]
-    finally:
-        runner.close()
-
-
 # (file name prefix, heading, shown inline, what it shows)
 _FIG_SECTIONS = [
     ("acc_vs_T_", "Accuracy vs. time steps", True, ""),
