@@ -342,11 +342,13 @@ class _ForkJobs:
         return f"{fn.__name__}" + (f" ({path.name})" if path is not None else "")
 
     def close(self) -> None:
-        """Stop and reap the children still running (after an error or an interrupt)."""
+        """Stop and reap the children still running (after an error or an interrupt).
+        SIGKILL: a child may have inherited a Python SIGTERM handler (Ray installs one)
+        and not yet replaced it; it has nothing to clean up (it would end by os._exit)."""
         import signal
         for pid, (_, fd, _) in list(self.running.items()):
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             try:
@@ -361,10 +363,8 @@ class _ForkJobs:
     # ---------------------------------------------------------------- the child
     def _child(self, i: int, w: int) -> None:
         import pickle
-        import signal
         code = 0
         try:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             fn, args, kwargs = self.jobs[i]
             try:
                 out = ("ok", fn(*args, **kwargs))
