@@ -67,7 +67,7 @@ def _config(quick: bool, calib_samples: int | None):
 
 def run(quick: bool, threads: int, reps: int = DEFAULT_REPS) -> str:
     import harness
-    from harness.calibration import LocalCalibrator, set_deltas
+    from harness.calibration import LocalCalibrator, calibration_chunk, residual_error, set_deltas
     from harness.data import CalibrationSet, Loader, load_dataset
 
     set_threads(threads)
@@ -111,6 +111,8 @@ def run(quick: bool, threads: int, reps: int = DEFAULT_REPS) -> str:
 
     fns = {"train": train_steps}
     splits = []
+    # the images per ANN pass and simulation that calibration uses on this machine
+    chunk = calibration_chunk(model, data.train_x[:spec["eval_batch"]].float())
     for cs in spec["calib"]:
         c = _config(quick, cs).resolved(data.image_size)
         cset = CalibrationSet.from_dataset(data, c)
@@ -127,13 +129,23 @@ def run(quick: bool, threads: int, reps: int = DEFAULT_REPS) -> str:
                 for x in cset.batches(bs, 1):
                     model(x)
 
+        def ann_chunked(cset=cset, bs=c.data.eval_batch_size):
+            model.eval()
+            with torch.no_grad():
+                for x in cset.batches(bs, 1):
+                    for xc in x.split(chunk):
+                        model(xc)
+
         fns[f"ann {key}"] = ann_pass
+        fns[f"annchunk {key}"] = ann_chunked
         fns[f"calib {key}"] = (lambda cal=cal: cal.calibrate(model, tau=TAU, epoch=1))  # per-epoch: no histograms
         if cs == spec["ref"]:
+            fns[f"nochunk {key}"] = (lambda cset=cset, bs=c.data.eval_batch_size:
+                                     residual_error(model, cset.batches(bs, 1), TAU, histograms=False, chunk=bs))
             fns[f"ref {key}"] = (lambda cset=cset, bs=c.data.eval_batch_size:
                                  unfused_reference(model, cset.batches(bs, 1), TAU))
             fns[f"sim {key}"] = (lambda cset=cset, bs=c.data.eval_batch_size:
-                                 plain_simulation(model, cset.batches(bs, 1), TAU))
+                                 plain_simulation(model, cset.batches(bs, 1), TAU, chunk))
     # the fused statistics against the unfused reference, once, before timing
     c = _config(quick, spec["ref"]).resolved(data.image_size)
     cset = CalibrationSet.from_dataset(data, c)
@@ -145,17 +157,23 @@ def run(quick: bool, threads: int, reps: int = DEFAULT_REPS) -> str:
     step_s = med["train"] / spec["steps"]
     n_steps = CIFAR_EPOCH_STEPS
     epoch_s = step_s * n_steps
-    rows = []
+    rows, ann_notes = [], []
     for key, label, cs in splits:
-        ideal = (TAU + 1) * med[f"ann {key}"]
-        ideal_cpu = (TAU + 1) * cpu[f"ann {key}"]
-        for what, name in (("calib", "fused (harness)"), ("ref", "unfused reference (before)"),
-                           ("sim", "floor here: ANN pass + plain SNN simulation")):
+        # the ideal counts the faster ANN pass: at the eval batch or in calibration's chunks
+        best = min(("ann", "annchunk"), key=lambda a: med[f"{a} {key}"])
+        ideal = (TAU + 1) * med[f"{best} {key}"]
+        ideal_cpu = (TAU + 1) * cpu[f"{best} {key}"]
+        ann_notes.append(f"{label.split(' (')[0]}: {med[f'ann {key}']:.3f} s at batch {spec['eval_batch']}, "
+                         f"{med[f'annchunk {key}']:.3f} s in chunks of {chunk}")
+        for what, name in (("calib", f"fused (harness; chunks of {chunk} images)"),
+                           ("nochunk", f"fused, unchunked (one chunk per eval batch of {spec['eval_batch']})"),
+                           ("ref", "unfused reference (before the fused statistics)"),
+                           ("sim", f"floor here: ANN pass + plain SNN simulation (chunks of {chunk})")):
             if f"{what} {key}" not in fns:
                 continue
             t, c = med[f"{what} {key}"], cpu[f"{what} {key}"]
             if what == "sim":  # the simulation alone; the floor adds the ANN pass
-                t, c = t + med[f"ann {key}"], c + cpu[f"ann {key}"]
+                t, c = t + med[f"{best} {key}"], c + cpu[f"{best} {key}"]
             r = t / ideal
             rows.append([label, name, t, ideal, f"{r:.2f}×", f"{c / ideal_cpu:.2f}×",
                          target(r <= TARGET_RATIO) if what == "calib" else "",
@@ -165,9 +183,12 @@ def run(quick: bool, threads: int, reps: int = DEFAULT_REPS) -> str:
                 f"{epoch_steps} steps)")
     body = (f"ResNet-20 (NQ, δ = {DELTA} in every layer while training), τ = {TAU}, {src}, eval batch "
             f"{spec['eval_batch']}. Calibration: `LocalCalibrator.calibrate` (ANN pass + SNN simulation at "
-            f"τ = {TAU}, both residual definitions; no histograms, as every epoch but the last). "
-            f"**Ideal** = (τ + 1) × one ANN inference pass over the same images at the same batch "
-            f"(`model.eval()`, no grad), measured in this run; the ratio to it is the primary figure "
+            f"τ = {TAU}, both residual definitions; no histograms, as every epoch but the last), which on CPU "
+            f"runs each batch in chunks of {chunk} images (`harness.calibration.calibration_chunk`: a layer's "
+            f"largest tensor ≈ 8 MiB, so a step's tensors stay in the cache). "
+            f"**Ideal** = (τ + 1) × one ANN inference pass over the same images (`model.eval()`, no grad), "
+            f"measured in this run at the eval batch and in the same chunks, whichever is faster "
+            f"({'; '.join(ann_notes)}); the ratio to it is the primary figure "
             f"(target ≤ {TARGET_RATIO}×); the same ratio of process CPU time (all threads; robust to other "
             "processes' load, which slows wall time) is given beside it. 'unfused reference': the neurons' own "
             "recording (`record=True`) with φ, z̄ and both residuals materialised, the implementation before "
@@ -207,8 +228,9 @@ def interleaved_wall_cpu(fns: dict, reps: int, warmup: int = 1) -> tuple[dict, d
     return ({n: statistics.median(v) for n, v in wall.items()}, {n: statistics.median(v) for n, v in cpu.items()})
 
 
-def plain_simulation(model, batches, tau: int) -> None:
-    """Convert and simulate tau steps, nothing recorded: calibration's floor in this code."""
+def plain_simulation(model, batches, tau: int, chunk: int | None = None) -> None:
+    """Convert and simulate tau steps (in chunks of `chunk` images), nothing recorded:
+    calibration's floor in this code."""
     from harness.convert import to_snn
 
     was_training = model.training
@@ -217,7 +239,8 @@ def plain_simulation(model, batches, tau: int) -> None:
     try:
         with torch.no_grad():
             for x in batches:
-                snn.simulate(x, tau)
+                for xc in x.split(chunk or len(x)):
+                    snn.simulate(xc, tau)
     finally:
         model.train(was_training)
 

@@ -453,7 +453,10 @@ class SpikingNet(nn.Module):
         for n in self.neurons:
             n.reset()
 
-    def set_record(self, on: bool) -> None:
+    def set_record(self, on: bool | str) -> None:
+        """False, True (sums of input and output) or "out" (the fused output sum); see IFNeuron."""
+        if on not in (False, True, "out"):
+            raise ValueError(f"record = {on!r} (expected False, True or 'out')")
         for n in self.neurons:
             n.record = on
 
@@ -467,10 +470,11 @@ class SpikingNet(nn.Module):
 
     @torch.no_grad()
     def simulate(self, x: torch.Tensor, T: int, chunk: int | None = None,
-                 layout: str = "auto", record: bool = False) -> torch.Tensor:
+                 layout: str = "auto", record: bool | str = False) -> torch.Tensor:
         """Simulate T steps with the image as constant input. Returns [T, B, classes],
         row t-1 = mean output over the first t steps. State is reset first.
-        `record=True` keeps per-neuron sums of input and output (see IFNeuron)."""
+        `record=True` keeps per-neuron sums of input and output, `record="out"` the sum
+        of the output only, inside the step's kernel (see IFNeuron)."""
         if T < 1:
             raise ValueError(f"T = {T} (expected an integer >= 1)")
         if layout == "auto":

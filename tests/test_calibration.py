@@ -138,21 +138,46 @@ def _recorded_stats(model, x, tau):
     return res
 
 
-@pytest.mark.parametrize("layout", ["step", "multistep"])
-def test_fused_statistics_equal_the_recorded_computation(kernels, layout):
-    """Summed output recorded by a hook, summed input derived from the membrane potential,
-    one fused reduction: the same statistics as the neurons' own recording, in both
-    simulation layouts (float64 network: differences are rounding only)."""
+@pytest.mark.parametrize("layout,chunk", [("step", None), ("multistep", None), ("step", 7)])
+def test_fused_statistics_equal_the_recorded_computation(kernels, layout, chunk):
+    """Summed output accumulated inside the IF step, summed input derived from the
+    membrane potential, one fused reduction: the same statistics as the neurons' own
+    recording, in both simulation layouts and in chunks of 7 images (float64 network:
+    differences are rounding only)."""
     torch.manual_seed(2)
     model = harness.create_model("cnn_small", in_chans=1, lam_init=1.0).double().eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 2.0)
     x = torch.randn(48, 1, 8, 8, dtype=torch.float64)
-    s = residual_error(model, x, tau=5, batch_size=20, layout=layout)  # uneven last batch
+    s = residual_error(model, x, tau=5, batch_size=20, layout=layout, chunk=chunk)  # uneven last batch
     ref = _recorded_stats(model, x, 5)
     for r in ("end_to_end", "layer_local"):
         assert s.mean[r] == pytest.approx([m for m, _ in ref[r]], abs=1e-12)
         assert s.std[r] == pytest.approx([d for _, d in ref[r]], abs=1e-12)
     sizes = [48 * 32 * 8 * 8, 48 * 32 * 8 * 8, 48 * 64 * 4 * 4, 48 * 128]
     assert [sum(h) for h in s.hist["layer_local"]] == [sum(h) for h in s.hist["end_to_end"]] == sizes
+
+
+def test_calibration_chunks_are_cache_sized_on_cpu():
+    """ResNet-20's largest activation is 16x32x32 floats (64 KiB) per image: chunks of
+    CHUNK_BYTES / 64 KiB = 128 images; a batch smaller than that is one chunk; the
+    chunking leaves the statistics unchanged up to float64 summation order."""
+    from harness.calibration import CHUNK_BYTES, _chunk_images
+    from harness.convert import activation_layers
+
+    torch.manual_seed(0)
+    model = harness.create_model("resnet20", num_classes=10, L=4, lam_init=4.0).eval()
+    out = []
+    hooks = [a.register_forward_hook(lambda m, i, o: out.append(o)) for _, a in activation_layers(model)]
+    assert _chunk_images(model, out, torch.randn(300, 3, 32, 32)) == CHUNK_BYTES // (16 * 32 * 32 * 4) == 128
+    assert _chunk_images(model, out, torch.randn(50, 3, 32, 32)) == 50
+    assert out == []
+    for h in hooks:
+        h.remove()
+    x = torch.randn(40, 3, 32, 32)
+    a, b = residual_error(model, x, 2, batch_size=40, chunk=40), residual_error(model, x, 2, batch_size=40, chunk=16)
+    for r in ("end_to_end", "layer_local"):
+        assert b.std[r] == pytest.approx(a.std[r], rel=1e-9, abs=1e-12)
+        assert b.mean[r] == pytest.approx(a.mean[r], rel=1e-9, abs=1e-12)
+    assert a.hist == b.hist and a.n_images == b.n_images == 40

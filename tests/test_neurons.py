@@ -213,3 +213,46 @@ def test_if_neuron_fires_at_equality_and_chunks_persist():
     assert torch.equal(torch.stack(full), torch.cat([first, second]))
     b.reset()
     assert b.v is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_output_sum_equals_the_recorded_sums(fused_mode, dtype):
+    """record="out" (output sum inside the step's kernel, state updated in place after
+    the first step, v(0) added as a scalar) gives bit for bit the outputs, membrane
+    potential and output sum of the plain step and of record=True, in one call of 8
+    steps, in chunks of 5 + 3 steps and step by step; the summed input then follows from
+    v exactly as calibration derives it."""
+    torch.manual_seed(0)
+    x = (torch.randn(8, 4, 6) * 0.6).to(dtype)
+
+    def run(record, chunks):
+        n = IFNeuron(theta=0.7)
+        n.record = record
+        outs, t = [], 0
+        for k in chunks:
+            n.steps = k
+            outs.append(n(x[t:t + k].reshape(k * 4, 6)).reshape(k, 4, 6))
+            t += k
+        return n, torch.cat(outs)
+
+    ref, ref_out = run(True, [1] * 8)
+    assert ref.v.dtype == dtype
+    for chunks in ([8], [5, 3], [1] * 8):
+        for record in ("out", False):
+            n, out = run(record, chunks)
+            assert torch.equal(out, ref_out) and torch.equal(n.v, ref.v)
+            if record == "out":
+                assert n.sum_in is None and torch.equal(n.sum_out, ref.sum_out)
+    v0 = float(torch.tensor(0.7, dtype=dtype)) * 0.5
+    assert torch.allclose(ref.v - v0 + ref.sum_out, ref.sum_in, atol=1e-5, rtol=0)
+
+
+def test_fused_output_sum_never_aliases_an_output(fused_mode):
+    """The running sum is the neuron's own tensor: changing a returned output in place
+    (as a model may do to its activations) leaves the sum alone."""
+    n = IFNeuron(theta=1.0)
+    n.record = "out"
+    first = n(torch.full((3,), 1.5))
+    first.mul_(100)
+    n(torch.full((3,), 1.5))
+    assert n.sum_out.tolist() == [2.0, 2.0, 2.0]
