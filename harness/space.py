@@ -18,6 +18,7 @@ Ray is imported only by `SearchSpace.param_space()`.
     calibration: {mode: actor, cpu: 0, gpu: 0, max_concurrency: 4}   # or mode: local
     scheduler: {name: fifo}          # or {name: asha, metric: snn_sel_acc, grace_period: 2}
     failure: {max_failures: 2}       # retries of a failed trial, from its last checkpoint
+    tracking: {model: checkpoint}    # best.pt as an artifact; mlflow: an MLflow PyTorch model
 
 A trial's config is `trial_config(values)`: the base config, the trial's axis values, then
 the matching overrides, validated. Every problem is a one-line ConfigError before Ray
@@ -85,6 +86,14 @@ class FailureCfg(Section):
     max_failures: int = Field(2, ge=0)  # retries per trial, each from its last epoch checkpoint
 
 
+class TrackingCfg(Section):
+    # each finished trial's selected checkpoint (best.pt) goes to its MLflow run as
+    #   checkpoint: a plain artifact (torch.load; harness.create_model + load_state_dict)
+    #   mlflow:     an MLflow PyTorch model (the UI's Models tab, mlflow.pytorch.load_model;
+    #               0.4-1.3 s of the MLflow writer per trial, benchmarks/sweep_overhead.py)
+    model: Literal["checkpoint", "mlflow"] = "checkpoint"
+
+
 class OverrideCfg(Section):
     match: dict[str, Any] = Field(min_length=1)
     set: dict[str, Any] = Field(min_length=1)
@@ -140,6 +149,7 @@ class SpaceCfg(Section):
     calibration: CalibrationCfg = Field(default_factory=CalibrationCfg)
     scheduler: SchedulerCfg = Field(default_factory=SchedulerCfg)
     failure: FailureCfg = Field(default_factory=FailureCfg)
+    tracking: TrackingCfg = Field(default_factory=TrackingCfg)
 
 
 @dataclass
@@ -167,6 +177,7 @@ class SearchSpace:
     calibration: CalibrationCfg
     scheduler: SchedulerCfg
     failure: FailureCfg
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
     trials: list[Trial] = field(default_factory=list)  # the grid, for validation and the actor
 
     @property
@@ -263,7 +274,7 @@ def load_space(path: str | Path, overrides: Sequence[str] = ()) -> SearchSpace:
     name = space.name or re.sub(r"[^A-Za-z0-9_.\-]", "_", path.stem)
     out = SearchSpace(path, name, {**space.model_dump(mode="json"), "set": list(overrides)}, base, base_cfg, grid,
                       dict(space.sample), space.overrides, space.num_samples, space.search, space.resources,
-                      space.calibration, space.scheduler, space.failure)
+                      space.calibration, space.scheduler, space.failure, space.tracking)
     out.trials = _expand(out)
     return out
 

@@ -507,11 +507,11 @@ def run_sweep(space: SearchSpace, opts: SweepOptions, trainable: Callable = trai
         sweep_cfg = {"name": plan.name, "tracking_uri": plan.uri, "experiment_id": exp_id,
                      "parent_run_id": parent_id, "log_from": plan.log_from, "threads": _threads(space),
                      "calibration_mode": space.calibration.mode, "actor_name": _actor_name(space, plan.name),
-                     "actor_splits": splits}
+                     "actor_splits": splits, "model": space.tracking.model}
         callbacks = []
         if plan.log_from == "driver":
             from .tune_mlflow import MlflowLogger
-            callbacks.append(MlflowLogger(plan.uri, exp_id, parent_id))
+            callbacks.append(MlflowLogger(plan.uri, exp_id, parent_id, model=space.tracking.model))
         print(f"sweep {plan.name}: {space.n_trials} trials, {space.resources.cpu:g} CPU"
               f"{f' + {space.resources.gpu:g} GPU' if space.resources.gpu else ''} each, "
               f"calibration {space.calibration.mode}, scheduler {space.scheduler.name}, MLflow logged by the "

@@ -415,8 +415,12 @@ def energy_metrics(result: Mapping[str, Any]) -> list[tuple[str, float, int]]:
 
 
 def log_final(c, run_id: str, result: Mapping[str, Any], out_dir: Path,
-              files: Iterable[str] = ("result.json", "residual_hist.json")) -> None:
-    """Final metrics, the by-T series, the artifacts and the selected model (from best.pt)."""
+              files: Iterable[str] = ("result.json", "residual_hist.json"), model: str = "mlflow") -> None:
+    """Final metrics, the by-T series, the artifacts and the selected checkpoint (best.pt):
+    `model` "mlflow" logs it as an MLflow PyTorch model (`log_model`), "checkpoint" as the
+    plain artifact best.pt (sweeps' default: `tracking.model` of the search space)."""
+    if model not in ("mlflow", "checkpoint"):
+        raise ValueError(f"model = {model!r} (expected 'mlflow' or 'checkpoint')")
     from mlflow.entities import Metric
 
     from .report.figures import result_curves
@@ -433,7 +437,10 @@ def log_final(c, run_id: str, result: Mapping[str, Any], out_dir: Path,
     with tempfile.TemporaryDirectory() as tmp:
         retry(lambda: c.log_artifact(run_id, str(result_curves(result, Path(tmp) / "curves.png"))))
     if (out_dir / "best.pt").exists():
-        log_model(c, run_id, result, out_dir / "best.pt")
+        if model == "mlflow":
+            log_model(c, run_id, result, out_dir / "best.pt")
+        else:
+            retry(lambda: c.log_artifact(run_id, str(out_dir / "best.pt")))
 
 
 def log_model(c, run_id: str, result: Mapping[str, Any], best: Path) -> None:

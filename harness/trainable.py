@@ -90,6 +90,7 @@ class _TrialLog:
 
     def __init__(self, sweep: Mapping[str, Any], label: str, cfg: Config, restored: bool, out: Path):
         self.on = sweep["log_from"] == "trial"
+        self.model = sweep.get("model", "checkpoint")
         self.layers: list[str] = []
         if not self.on:
             return
@@ -116,7 +117,7 @@ class _TrialLog:
     def final(self, result: dict, out: Path) -> None:
         if self.on:
             from . import tracking
-            tracking.log_final(self.c, self.run_id, result, out)
+            tracking.log_final(self.c, self.run_id, result, out, model=self.model)
             tracking.set_status(self.c, self.run_id, "FINISHED")
 
     def close(self, status: str) -> None:

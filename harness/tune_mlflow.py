@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 
 class MlflowLogger(Callback):
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str):
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, model: str = "checkpoint"):
         self.uri, self.exp_id, self.parent_id = tracking_uri, experiment_id, parent_run_id
+        self.model = model  # how best.pt is logged: tracking.log_final
         self._client = None
         self.runs: dict[str, str] = {}          # Tune trial id -> MLflow run id
         self.logged: dict[str, set[int]] = {}   # run id -> epochs logged
@@ -87,7 +88,7 @@ class MlflowLogger(Callback):
             with ckpt.as_directory() as d:
                 import json
                 result = json.loads((Path(d) / "result.json").read_text())
-                tracking.log_final(self.client, rid, result, Path(d))
+                tracking.log_final(self.client, rid, result, Path(d), model=self.model)
         except Exception as e:  # noqa: BLE001 - a trial without its final files did not finish
             log.error("trial %s: final results unavailable (%s)", trial.trial_id, e)
             tracking.set_status(self.client, rid, "FAILED")

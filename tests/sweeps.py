@@ -146,15 +146,19 @@ def steps(c, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in c.get_metric_history(run_id, key))
 
 
-def assert_complete(c, run, epochs: int) -> dict[str, float]:
+def assert_complete(c, run, epochs: int, model: str = "checkpoint") -> dict[str, float]:
     """A FINISHED child run with every per-epoch metric logged once per epoch, its final
-    metrics and artifacts; returns its final/* metrics."""
+    metrics and artifacts, and its selected checkpoint as the space's `tracking.model`
+    says (best.pt as an artifact, or one MLflow model); returns its final/* metrics."""
     assert run.info.status == "FINISHED", run.data.tags["harness.trial"]
     for key in EPOCH_KEYS:
         assert steps(c, run.info.run_id, key) == list(range(1, epochs + 1)), (run.data.tags["harness.trial"], key)
     finals = {k: v for k, v in run.data.metrics.items() if k.startswith("final/")}
     assert {"final/ann_test_acc", "final/best_epoch", "final/snn_test_acc_T01", "final/snn_test_acc_T04"} <= set(finals)
-    assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"result.json", "residual_hist.json", "curves.png"}
+    arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert arts >= {"result.json", "residual_hist.json", "curves.png"}
+    assert ("best.pt" in arts) == (model == "checkpoint"), arts
+    assert len(c.get_run(run.info.run_id).outputs.model_outputs) == (model == "mlflow")
     return finals
 
 

@@ -19,7 +19,8 @@ EPOCHS = 2
 def test_sweep_through_a_tracking_server(tmp_path):
     proc, url = start_mlflow_server(tmp_path)
     try:
-        space = write_space(tmp_path, "served", train={"epochs": EPOCHS}, calibration={"mode": "local"})
+        space = write_space(tmp_path, "served", train={"epochs": EPOCHS}, calibration={"mode": "local"},
+                            tracking={"model": "mlflow"})
         rc, h = harness(["sweep", str(space), "--tracking-uri", url, "--storage-path", str(tmp_path / "rr")],
                         tmp_path, tmp_path / "served")
         assert rc == 0, h.output()[-4000:]
@@ -34,7 +35,7 @@ def test_sweep_through_a_tracking_server(tmp_path):
         for label, r in kids.items():
             assert r.data.tags["mlflow.parentRunId"] == parent
             assert r.data.tags["ray.node_id"] and r.data.tags["ray.node_ip"]
-            assert_complete(c, r, EPOCHS)
+            assert_complete(c, r, EPOCHS, model="mlflow")
             for key in r.data.metrics:  # every metric's full per-epoch history
                 want = [0] if key.startswith(("final/", "energy/")) and not key.endswith("_by_T") else None
                 if key.endswith("_by_T") or key.startswith("energy/firing_rate/"):  # series over T

@@ -143,7 +143,7 @@ def runs_of(env, experiment):
     return c, parents, children
 
 
-def check_child(c, run, epochs=EPOCHS):
+def check_child(c, run, epochs=EPOCHS, model="checkpoint"):
     assert run.info.status == "FINISHED"
     for key in ("train/loss", "ann/test_acc", "snn/val_acc_T04", "delta/l00_features.2", "delta_next/l00_features.2",
                 "residual/std/l01_features.5", "train/lr"):
@@ -155,7 +155,15 @@ def check_child(c, run, epochs=EPOCHS):
                                                                   "curves.png"}
     assert run.data.params["model.arch"] == "cnn_small"
     full = c.get_run(run.info.run_id)
-    assert len(full.outputs.model_outputs) == 1  # the selected model, logged with mlflow.pytorch
+    # the selected checkpoint: an MLflow PyTorch model (tracking.model: mlflow), or best.pt
+    # as an artifact that loads into the trial's architecture (the default)
+    assert len(full.outputs.model_outputs) == (model == "mlflow")
+    if model == "checkpoint":
+        import torch
+
+        import harness as h
+        ck = torch.load(c.download_artifacts(run.info.run_id, "best.pt"), weights_only=True)
+        h.create_model("cnn_small", num_classes=10, in_chans=1, L=4).load_state_dict(ck["model"])
     (ds,) = full.inputs.dataset_inputs
     assert ds.dataset.name == "digits" and len(ds.dataset.digest) == 16
     for tag in ("ray.node_id", "ray.node_ip", "mlflow.source.name", "mlflow.user", "harness.method"):
@@ -184,7 +192,7 @@ def test_sweep_actor_mlflow_and_retried_trial(ray_local, capsys, tmp_path):
     """2 trials sharing the calibration actor; trial 1's worker is killed after epoch 1
     once: Tune retries it from its epoch-1 checkpoint and it continues its own MLflow run."""
     env = ray_local
-    space = write_space(env["root"], "actor2")
+    space = write_space(env["root"], "actor2", tracking={"model": "mlflow"})
     assert run_space(env, space, faults.die_once_after("mode=qcfs", 1, str(tmp_path))) == 0
     assert len(list(tmp_path.glob("died_mode=qcfs"))) == 1  # the worker really died once
     # ... and Tune really retried it from its epoch-1 checkpoint: one failure, and after the
@@ -205,7 +213,7 @@ def test_sweep_actor_mlflow_and_retried_trial(ray_local, capsys, tmp_path):
     assert len(children) == 2  # the retry continued its own run: no duplicate
     assert sorted(r.data.tags["harness.trial"] for r in children) == ["mode=layerwise", "mode=qcfs"]
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
-    results = {r.data.tags["harness.trial"]: check_child(c, r) for r in children}
+    results = {r.data.tags["harness.trial"]: check_child(c, r, model="mlflow") for r in children}
     assert results["mode=layerwise"]["method"] == "NQ"
 
     # the actor saw every trial at every epoch, and its deltas are the trials' deltas

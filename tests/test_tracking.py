@@ -189,6 +189,15 @@ def test_epochs_params_dataset_and_final(store, trained):
     assert {a.path for a in c.list_artifacts(rid)} >= {"result.json", "residual_hist.json", "curves.png"}
     assert len(r.outputs.model_outputs) == 1  # the selected model (mlflow.pytorch)
 
+    # model="checkpoint" (sweeps' default): best.pt itself as an artifact, byte for byte
+    rid2 = tracking.create_child(c, r.info.experiment_id, rid, "ckpt", "NQ")
+    tracking.log_final(c, rid2, result, out, model="checkpoint")
+    assert "best.pt" in {a.path for a in c.list_artifacts(rid2)}
+    assert Path(c.download_artifacts(rid2, "best.pt")).read_bytes() == (out / "best.pt").read_bytes()
+    assert len(c.get_run(rid2).outputs.model_outputs) == 0
+    with pytest.raises(ValueError, match="model = 'onnx'"):
+        tracking.log_final(c, rid2, result, out, model="onnx")
+
 
 def test_summarise_parent_pairs_by_seed(store, tmp_path):
     c, exp, _ = store
