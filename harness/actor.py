@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .memory import release_freed_memory
+
 # images per calibration pass; the same value as harness.calibration.DEFAULT_BATCH, which
 # is not imported because this module must import without torch
 DEFAULT_BATCH = 500
@@ -126,18 +128,6 @@ def _key(k: str):
 
 # ---------------------------------------------------------------- the actor
 
-def _release_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; nothing elsewhere).
-    Without it a long-lived actor's RSS grew by about 0.1 GB per pair of concurrent
-    calibrations (freed activations kept in glibc's per-thread arenas), to 7-8 GB;
-    with it, at the same speed, it stays near 0.9 GB (benchmarks/actor_memory.py)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class CalibrationActor:
     """Ray actor (wrap with ray.remote; see start_actor): calibration splits in memory,
     concurrent calibrations, delta histories per trial (persisted to `history_dir`)."""
@@ -201,7 +191,7 @@ class CalibrationActor:
             stats = residual_error(model, batches, tau, histograms=epoch is None)
             compute_s = time.perf_counter() - t0
         del model, batches
-        _release_freed_memory()
+        release_freed_memory()  # harness.memory: the actor's RSS grew with every call without it
         timing = {"queue_s": max(0.0, start - (submitted if submitted is not None else arrived)),
                   "compute_s": compute_s}
         if trial_id is not None:

@@ -185,3 +185,6 @@ def train_trial(config: dict, extra_callbacks: Iterable[Callable[[dict, Path], N
         # Tune stops a trial (scheduler / Ctrl-C) by raising SystemExit in tune.report
         log.close("KILLED" if isinstance(e, (SystemExit, KeyboardInterrupt)) else "FAILED")
         raise
+    finally:  # Tune reuses this worker for the next trial: hand the trial's freed heap back
+        from .memory import release_freed_memory
+        release_freed_memory()
