@@ -1,4 +1,4 @@
-"""The shared calibration actor under 1, 2, 4 (and, with enough memory, 8) simulated concurrent trials, against
+"""The shared calibration actor under 1, 2, 4 and 8 simulated concurrent trials, against
 local calibration (ResNet-20, tau = 4).
 
     python benchmarks/actor_scale.py [--quick] [--threads N]
@@ -35,13 +35,12 @@ TITLE = "Calibration actor at scale"
 TAU = 4
 LEVELS = (1, 2, 4, 8)
 QUICK = dict(images=64, calls=2, reps=2, slots=(1, 2), batch=64, levels=LEVELS)
-# 250 images in batches of 125: one 500-image batch at tau = 4 peaks at about 2 GB per
+# 250 images in batches of 125: one 500-image batch at tau = 4 peaked at about 2 GB per
 # calibration, and 8 local trials plus actors of 1, 2 and 4 slots then ran a 24 GB
-# machine out of memory (the kernel killed an actor). 2 slots at most on 2 CPUs.
-# Up to 4 concurrent trials: each actor's RSS grows by about 0.1 GB per calibration
-# (glibc heap fragmentation across its threads; see reports/reliability.md), and at 8
-# trials two actors (7 GB each) and the trials filled 24 GB again.
-FULL = dict(images=250, calls=3, reps=2, slots=(1, 2), batch=125, levels=(1, 2, 4))
+# machine out of memory (the kernel killed an actor). 2 slots at most on 2 CPUs. 8
+# concurrent trials fit again since the actor trims its heap after every call (its RSS
+# grew by about 0.1 GB per calibration to 7 GB before; see reports/reliability.md).
+FULL = dict(images=250, calls=3, reps=2, slots=(1, 2), batch=125, levels=LEVELS)
 
 
 def _config(images: int, batch: int):
@@ -172,7 +171,7 @@ def run(quick: bool, threads: int) -> str:
                          "—" if mode == "local" else f"{_pct(d['q'], 0.95):.2f}",
                          f"{statistics.median(d['c']):.2f}", f"{statistics.median(d['rt']):.2f}"])
     verdict = _verdict(raw, spec_)
-    body = (f"ResNet-20, τ = {TAU}, {spec_['images']} calibration images per call (synthetic 32×32, in batches of {spec_['batch']}: a batch of 500 at τ = 4 peaks near 2 GB per calibration, and at 8 concurrent local trials the first full run exhausted this machine's memory), "
+    body = (f"ResNet-20, τ = {TAU}, {spec_['images']} calibration images per call (synthetic 32×32, in batches of {spec_['batch']}, each simulated in chunks of up to 128 on CPU: a batch of 500 at τ = 4 peaked near 2 GB per calibration, and 8 concurrent local trials exhausted this machine's memory in the first full run), "
             f"{threads} CPUs for Ray (ray.init {ray_s:.0f} s, untimed); load average at start "
             f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs. Simulated trials are closed loops "
             f"of {spec_['calls']} timed calls each after one warm-up call, started together at a barrier, "
