@@ -242,6 +242,18 @@ def trial_label(values: Mapping[str, Any], label_keys: Sequence[str]) -> str:
     return ",".join(f"{short[k]}={_short_value(values[k])}" for k in label_keys) or "trial"
 
 
+def with_defaults(raw: dict) -> dict:
+    """A saved `SearchSpace.raw` with the defaults of sections added since it was saved
+    (e.g. `tracking`), so that --resume compares what the sweep means, not how the
+    version that started it spelled it. Unchanged if it no longer validates."""
+    d = {k: v for k, v in raw.items() if k != "set"}
+    try:
+        full = SpaceCfg.model_validate(d).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - then the comparison reports the difference
+        return raw
+    return {**full, "set": raw.get("set", [])}
+
+
 def load_space(path: str | Path, overrides: Sequence[str] = ()) -> SearchSpace:
     """Parse and validate a search space. `overrides` (`section.key=value`) apply to the
     base config."""

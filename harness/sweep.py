@@ -151,7 +151,8 @@ def validate(space: SearchSpace, opts: SweepOptions) -> Plan:
         if not (tune.Tuner.can_restore(exp) and storage.exists(name, STATE_FILE)):
             raise SweepError(f"nothing to resume at {exp} (no sweep named {name!r} was started there)")
         saved = json.loads(storage.read_text(name, STATE_FILE))
-        if saved.get("space") != space.raw:
+        from .space import with_defaults
+        if with_defaults(saved.get("space") or {}) != space.raw:
             raise SweepError(f"the search space changed since sweep {name!r} started; "
                              "run it under a new --name instead of --resume")
     elif tune.Tuner.can_restore(exp):

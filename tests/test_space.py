@@ -69,3 +69,19 @@ def test_resume_state_is_the_whole_space(tmp_path):
     a = load_space(space(tmp_path, grid={"train.seed": [0, 1]}))
     b = load_space(space(tmp_path, grid={"train.seed": [0, 1]}), ["train.epochs=2"])
     assert a.raw != b.raw and a.raw == load_space(space(tmp_path, grid={"train.seed": [0, 1]})).raw
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "search_spaces").glob("*.yaml")))
+def test_resume_compares_a_space_saved_before_a_new_section(name):
+    """A sweep's saved space (its state file) from before a section existed, e.g.
+    `tracking`, equals today's space once the defaults are filled in; a saved space that
+    differs in a value still differs."""
+    from harness.space import with_defaults
+
+    s = load_space(Path(__file__).parents[1] / "search_spaces" / name)
+    assert with_defaults(s.raw) == s.raw
+    old = {k: v for k, v in s.raw.items() if k != "tracking"}
+    assert old != s.raw and with_defaults(old) == s.raw
+    changed = {**old, "num_samples": s.raw["num_samples"] + 1}
+    assert with_defaults(changed) != s.raw
+    assert with_defaults({**old, "tracking": {"model": "mlflow"}}) != s.raw
