@@ -17,8 +17,10 @@ Layout (read by `harness report`; names group in the MLflow UI by their `/` pref
               per-epoch metrics (step = epoch): train/*, ann/*, snn/<split>_acc_TNN,
               delta/lNN_<layer> (trained with), delta_next/..., residual/std|mean/...,
               time/*; final (step 0): final/*, and final/snn_test_acc_by_T (step = T);
-              dataset input (name, source, digest); the selected model (mlflow.pytorch);
-              artifacts result.json, residual_hist.json, curves.png
+              dataset input (name, source, digest); artifacts result.json,
+              residual_hist.json, curves.png, and the selected checkpoint: best.pt
+              (tracking.model: checkpoint, sweeps' default) or an MLflow model
+              (mlflow.pytorch; tracking.model: mlflow)
 """
 from __future__ import annotations
 
