@@ -67,7 +67,8 @@ def _config(quick: bool, calib_samples: int | None):
 
 def run(quick: bool, threads: int, reps: int = DEFAULT_REPS) -> str:
     import harness
-    from harness.calibration import LocalCalibrator, calibration_chunk, residual_error, set_deltas
+    from harness.calibration import LocalCalibrator, residual_error, set_deltas
+    from harness.convert import simulation_chunk
     from harness.data import CalibrationSet, Loader, load_dataset
 
     set_threads(threads)
@@ -112,7 +113,7 @@ def run(quick: bool, threads: int, reps: int = DEFAULT_REPS) -> str:
     fns = {"train": train_steps}
     splits = []
     # the images per ANN pass and simulation that calibration uses on this machine
-    chunk = calibration_chunk(model, data.train_x[:spec["eval_batch"]].float())
+    chunk = simulation_chunk(model, data.train_x[:spec["eval_batch"]].float())
     for cs in spec["calib"]:
         c = _config(quick, cs).resolved(data.image_size)
         cset = CalibrationSet.from_dataset(data, c)
@@ -184,7 +185,7 @@ def run(quick: bool, threads: int, reps: int = DEFAULT_REPS) -> str:
     body = (f"ResNet-20 (NQ, δ = {DELTA} in every layer while training), τ = {TAU}, {src}, eval batch "
             f"{spec['eval_batch']}. Calibration: `LocalCalibrator.calibrate` (ANN pass + SNN simulation at "
             f"τ = {TAU}, both residual definitions; no histograms, as every epoch but the last), which on CPU "
-            f"runs each batch in chunks of {chunk} images (`harness.calibration.calibration_chunk`: a layer's "
+            f"runs each batch in chunks of {chunk} images (`harness.convert.simulation_chunk`: a layer's "
             f"largest tensor ≈ 8 MiB, so a step's tensors stay in the cache). "
             f"**Ideal** = (τ + 1) × one ANN inference pass over the same images (`model.eval()`, no grad), "
             f"measured in this run at the eval batch and in the same chunks, whichever is faster "

@@ -30,9 +30,9 @@ if __package__ in (None, ""):
 
 from benchmarks._common import ROOT, cpu_model
 
-ORDER = ["simulate", "data_pipeline", "activation", "calibration", "actor_scale", "sweep_overhead",
+ORDER = ["simulate", "snn_eval", "data_pipeline", "activation", "calibration", "actor_scale", "sweep_overhead",
          "energy_overhead", "report_scale", "accuracy_compute"]
-TITLES = {"simulate": "Simulation", "data_pipeline": "Data pipeline", "activation": "Activation",
+TITLES = {"simulate": "Simulation", "snn_eval": "SNN evaluation in cache-sized chunks", "data_pipeline": "Data pipeline", "activation": "Activation",
           "calibration": "Calibration overhead", "actor_scale": "Calibration actor under load",
           "sweep_overhead": "Sweep overhead", "energy_overhead": "Energy accounting overhead",
           "report_scale": "Report at scale", "accuracy_compute": "Accuracy per unit of compute"}

@@ -16,7 +16,7 @@ output, accumulated inside the IF step's kernel (`IFNeuron` with record="out"; t
 summed input follows from the membrane potential, see the note above `_gaps`), and per
 layer and chunk one fused reduction over three tensors that returns both residuals'
 sums in float64 (torch.compile; eager ops with HARNESS_FUSED=0). On CPU each batch is
-simulated in cache-sized chunks of images (`_chunk_images`): streaming a batch of 500
+simulated in cache-sized chunks of images (`convert.chunk_images`): streaming a batch of 500
 through memory cost more than all of the recording. benchmarks/calibration.py reports
 the cost as a ratio to the ideal.
 """
@@ -28,7 +28,7 @@ from typing import Iterable, Protocol
 import torch
 from torch import nn
 
-from .convert import TRACE_GUARD, activation_layers, to_snn
+from .convert import TRACE_GUARD, activation_layers, chunk_images, to_snn
 from .neurons import _qcfs_fwd, fused_enabled
 
 __all__ = ["ResidualStats", "residual_error", "estimate_delta", "Calibrator", "LocalCalibrator",
@@ -38,8 +38,6 @@ RESIDUALS = ("end_to_end", "layer_local")
 HIST_BINS = 80
 HIST_RANGE = 1.0  # histogram of g / lambda over [-1, 1]; outliers land in the end bins
 DEFAULT_BATCH = 500  # images per calibration batch (each simulated in cache-sized chunks on CPU)
-CHUNK_BYTES = 8 << 20  # on CPU: a chunk's largest layer tensor (see _chunk_images)
-CHUNK_MIN = 16
 
 
 @dataclass
@@ -134,13 +132,9 @@ def _histogram(g: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_images(model: nn.Module, ann_out: list[torch.Tensor], x: torch.Tensor) -> int:
-    """Images per simulated chunk. On CPU the chunk is sized so that a layer's largest
-    tensor (activation, membrane potential, output sum) takes about CHUNK_BYTES: the
-    step's tensors then stay in the cache between the convolution, the IF step and the
-    statistics, instead of streaming through memory (ResNet-20 at tau = 4 on 2,000
-    images, 2 cores: 1.87x the ideal in chunks of 512, 1.33x in chunks of 128 before
-    the output sum moved into the IF step; see benchmarks/calibration.py). On an
-    accelerator: the whole batch. `ann_out` collects the activations (forward hooks)."""
+    """`convert.chunk_images` for batches like `x` (cache-sized on CPU: 1.2x the ideal
+    against 1.6x for ResNet-20 in batches of 512), measured through the activation hooks
+    that fill `ann_out`."""
     if x.device.type != "cpu":
         return x.shape[0]
     ann_out.clear()
@@ -148,23 +142,7 @@ def _chunk_images(model: nn.Module, ann_out: list[torch.Tensor], x: torch.Tensor
         model(x[:1])
     largest = max((o[0].numel() * o.element_size() for o in ann_out), default=1)
     ann_out.clear()
-    return max(CHUNK_MIN, min(x.shape[0], CHUNK_BYTES // max(largest, 1)))
-
-
-@torch.no_grad()
-def calibration_chunk(model: nn.Module, x: torch.Tensor) -> int:
-    """The chunk `residual_error` uses for batches like `x` (images per ANN pass and
-    simulation)."""
-    out: list[torch.Tensor] = []
-    was_training = model.training
-    model.eval()
-    hooks = [a.register_forward_hook(lambda m, i, o: out.append(o)) for _, a in activation_layers(model)]
-    try:
-        return _chunk_images(model, out, x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    return chunk_images(largest, x.shape[0], x.device)
 
 
 class _Sums:

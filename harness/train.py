@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .calibration import Calibrator, LocalCalibrator, ResidualStats, get_deltas, set_deltas
 from .config import Config, ConfigError
-from .convert import activation_layers, observe_conversions, to_snn
+from .convert import activation_layers, observe_conversions, simulation_chunk, to_snn
 from .data import CalibrationSet, Dataset, Loader, load_dataset
 from .energy import EnergyRecorder
 from .errors import BAD_INPUT, HarnessError
@@ -88,13 +88,16 @@ def evaluate_ann(model, batches: Iterable, noisy: bool = False, seed: int = NOIS
 
 @torch.no_grad()
 def evaluate_snn(model, batches: Iterable, T: int) -> list[float]:
-    """SNN accuracy (%) for every T' = 1..T from one simulation per batch."""
+    """SNN accuracy (%) for every T' = 1..T from one simulation per batch (per cache-sized
+    chunk of it on CPU: `convert.simulation_chunk`)."""
     snn = to_snn(model)
     correct = torch.zeros(T, dtype=torch.int64)
-    total = 0
+    total, chunk = 0, None
     for x, y in batches:
-        out = snn.simulate(x, T)
-        correct += (out.argmax(-1) == y.unsqueeze(0)).sum(1).cpu()
+        chunk = chunk or simulation_chunk(model, x)
+        for xc, yc in zip(x.split(chunk), y.split(chunk)):
+            out = snn.simulate(xc, T)
+            correct += (out.argmax(-1) == yc.unsqueeze(0)).sum(1).cpu()
         total += len(y)
     return (100.0 * correct.double() / max(total, 1)).tolist()
 

@@ -135,6 +135,17 @@ def test_run_all_quick_writes_report(tmp_path):
 
 
 
+def test_snn_eval_quick_splits_into_chunks_and_agrees():
+    """The chunked-evaluation benchmark really chunks (256 images -> 128) and finds the
+    same predictions as whole batches."""
+    from benchmarks import snn_eval
+
+    text = snn_eval.run(quick=True, threads=1, reps=1)
+    (row,) = [line for line in text.splitlines() if line.startswith("| resnet20 ")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == ["2", "256", "128"] and cells[-1] == "100.0%", row
+
+
 def test_data_pipeline_quick_runs():
     """The data-pipeline benchmark runs on the real archive (it once failed on an
     unresolved augmentation default and nobody noticed until a full run)."""

@@ -163,8 +163,8 @@ def test_calibration_chunks_are_cache_sized_on_cpu():
     """ResNet-20's largest activation is 16x32x32 floats (64 KiB) per image: chunks of
     CHUNK_BYTES / 64 KiB = 128 images; a batch smaller than that is one chunk; the
     chunking leaves the statistics unchanged up to float64 summation order."""
-    from harness.calibration import CHUNK_BYTES, _chunk_images
-    from harness.convert import activation_layers
+    from harness.calibration import _chunk_images
+    from harness.convert import CHUNK_BYTES, activation_layers, simulation_chunk
 
     torch.manual_seed(0)
     model = harness.create_model("resnet20", num_classes=10, L=4, lam_init=4.0).eval()
@@ -175,6 +175,7 @@ def test_calibration_chunks_are_cache_sized_on_cpu():
     assert out == []
     for h in hooks:
         h.remove()
+    assert simulation_chunk(model, torch.randn(300, 3, 32, 32)) == 128 and not model.training
     x = torch.randn(40, 3, 32, 32)
     a, b = residual_error(model, x, 2, batch_size=40, chunk=40), residual_error(model, x, 2, batch_size=40, chunk=16)
     for r in ("end_to_end", "layer_local"):

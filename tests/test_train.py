@@ -332,3 +332,23 @@ def test_digits_defaults_work_without_a_config_file(tmp_path, seed):
     res = json.loads((out / "result.json").read_text())
     assert res["ann_test_acc"] >= 95.0, res["ann_test_acc"]
     assert abs(res["snn_test_acc"]["8"] - res["ann_test_acc"]) <= 2.0, res["snn_test_acc"]
+
+
+def test_snn_evaluation_in_cache_sized_chunks_equals_one_simulation():
+    """On CPU evaluate_snn simulates ResNet-20 batches in chunks of 128 images (the labels
+    split alongside): the accuracies at every T equal those of one simulation of the whole
+    batch (to one image: a convolution's rounding may differ with the batch size)."""
+    import harness
+    from harness.convert import simulation_chunk, to_snn
+    from harness.train import evaluate_snn
+
+    torch.manual_seed(0)
+    model = harness.create_model("resnet20", num_classes=10, L=4, lam_init=2.0).eval()
+    x, y = torch.randn(300, 3, 32, 32), torch.randint(0, 10, (300,))
+    assert simulation_chunk(model, x) == 128
+    with torch.no_grad():
+        whole = to_snn(model).simulate(x, 4).argmax(-1)
+    y = torch.where(torch.arange(300) % 3 == 0, whole[-1], y)  # accuracies well above chance
+    expected = [100.0 * (whole[t] == y).sum().item() / 300 for t in range(4)]
+    got = evaluate_snn(model, [(x, y)], 4)
+    assert got == pytest.approx(expected, abs=100 / 300 + 1e-9) and got[-1] > 30
