@@ -16,7 +16,7 @@ output, accumulated inside the IF step's kernel (`IFNeuron` with record="out"; t
 summed input follows from the membrane potential, see the note above `_gaps`), and per
 layer and chunk one fused reduction over three tensors that returns both residuals'
 sums in float64 (torch.compile; eager ops with HARNESS_FUSED=0). On CPU each batch is
-simulated in cache-sized chunks of images (`convert.chunk_images`): streaming a batch of 500
+simulated in cache-sized chunks of images (`convert.simulation_chunk`): streaming a batch of 500
 through memory cost more than all of the recording. benchmarks/calibration.py reports
 the cost as a ratio to the ideal.
 """
@@ -28,7 +28,7 @@ from typing import Iterable, Protocol
 import torch
 from torch import nn
 
-from .convert import TRACE_GUARD, activation_layers, chunk_images, to_snn
+from .convert import TRACE_GUARD, activation_layers, simulation_chunk, to_snn
 from .neurons import _qcfs_fwd, fused_enabled
 
 __all__ = ["ResidualStats", "residual_error", "estimate_delta", "Calibrator", "LocalCalibrator",
@@ -131,20 +131,6 @@ def _histogram(g: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return torch.histc(g.div(lam).clamp_(-HIST_RANGE, HIST_RANGE), HIST_BINS, -HIST_RANGE, HIST_RANGE).long()
 
 
-def _chunk_images(model: nn.Module, ann_out: list[torch.Tensor], x: torch.Tensor) -> int:
-    """`convert.chunk_images` for batches like `x` (cache-sized on CPU: 1.2x the ideal
-    against 1.6x for ResNet-20 in batches of 512), measured through the activation hooks
-    that fill `ann_out`."""
-    if x.device.type != "cpu":
-        return x.shape[0]
-    ann_out.clear()
-    with TRACE_GUARD.forward():
-        model(x[:1])
-    largest = max((o[0].numel() * o.element_size() for o in ann_out), default=1)
-    ann_out.clear()
-    return chunk_images(largest, x.shape[0], x.device)
-
-
 class _Sums:
     """Per-layer float64 sums of both residuals (and histograms), chunk by chunk."""
 
@@ -187,7 +173,7 @@ def residual_error(model: nn.Module, batches: Iterable[torch.Tensor] | torch.Ten
     `batches`: normalised images, a tensor (split into `batch_size`) or an iterable.
     `histograms=False` skips the per-layer histograms (the per-epoch calibration).
     `layout`: the simulation layout (`SpikingNet.simulate`); `chunk`: images per ANN
-    pass and simulation (default: cache-sized on CPU, see `_chunk_images`; the whole
+    pass and simulation (default: cache-sized on CPU, see `convert.simulation_chunk`; the whole
     batch on an accelerator). The statistics depend on neither, up to the order of the
     float64 sums."""
     if isinstance(batches, torch.Tensor):
@@ -203,7 +189,7 @@ def residual_error(model: nn.Module, batches: Iterable[torch.Tensor] | torch.Ten
     n_images = 0
     try:
         for batch in batches:
-            chunk = chunk or _chunk_images(model, ann_out, batch)
+            chunk = chunk or simulation_chunk(model, batch)  # its probe also fills ann_out: cleared below
             for x in batch.split(chunk):
                 ann_out.clear()
                 with TRACE_GUARD.forward():   # no torch.fx trace in another thread meanwhile

@@ -163,16 +163,16 @@ def test_calibration_chunks_are_cache_sized_on_cpu():
     """ResNet-20's largest activation is 16x32x32 floats (64 KiB) per image: chunks of
     CHUNK_BYTES / 64 KiB = 128 images; a batch smaller than that is one chunk; the
     chunking leaves the statistics unchanged up to float64 summation order."""
-    from harness.calibration import _chunk_images
     from harness.convert import CHUNK_BYTES, activation_layers, simulation_chunk
 
     torch.manual_seed(0)
     model = harness.create_model("resnet20", num_classes=10, L=4, lam_init=4.0).eval()
     out = []
     hooks = [a.register_forward_hook(lambda m, i, o: out.append(o)) for _, a in activation_layers(model)]
-    assert _chunk_images(model, out, torch.randn(300, 3, 32, 32)) == CHUNK_BYTES // (16 * 32 * 32 * 4) == 128
-    assert _chunk_images(model, out, torch.randn(50, 3, 32, 32)) == 50
-    assert out == []
+    # with calibration's own activation hooks registered, as residual_error calls it
+    assert simulation_chunk(model, torch.randn(300, 3, 32, 32)) == CHUNK_BYTES // (16 * 32 * 32 * 4) == 128
+    assert simulation_chunk(model, torch.randn(50, 3, 32, 32)) == 50
+    assert [o.shape[0] for o in out] == [1] * 2 * len(activation_layers(model))  # one probe image each
     for h in hooks:
         h.remove()
     assert simulation_chunk(model, torch.randn(300, 3, 32, 32)) == 128 and not model.training
